@@ -1,0 +1,1 @@
+//! COLO replication (checkpoints, RAM cache, proxy, block replication, failover): built in later issues.

@@ -1,0 +1,91 @@
+//! The `colovmm` command line (Cloud Hypervisor's syntax), turned into a [`VmConfig`].
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+use crate::config::{ConfigError, CpusConfig, MemoryConfig, PayloadConfig, SerialConfig, VmConfig};
+
+/// colovmm: a KVM virtual machine monitor with COLO replication.
+#[derive(Parser, Debug)]
+#[command(name = "colovmm", version, about)]
+pub struct Cli {
+    /// Kernel: an ELF vmlinux with a PVH note, or a bzImage.
+    #[arg(long, value_name = "PATH")]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs to pass to the kernel.
+    #[arg(long, value_name = "PATH")]
+    pub initramfs: Option<PathBuf>,
+    /// Kernel command line.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
+    /// Guest RAM: size=<bytes>[K|M|G].
+    #[arg(long, default_value = "size=512M")]
+    pub memory: String,
+    /// vCPUs: boot=<n>.
+    #[arg(long, default_value = "boot=1")]
+    pub cpus: String,
+    /// COM1: tty | off | file=PATH | socket=PATH.
+    #[arg(long, default_value = "tty")]
+    pub serial: String,
+    /// Write the VMM's log here instead of stderr.
+    #[arg(long, value_name = "PATH")]
+    pub log_file: Option<PathBuf>,
+    /// More log output (repeat for more).
+    #[arg(short, action = clap::ArgAction::Count)]
+    pub v: u8,
+}
+
+impl Cli {
+    /// Validates the options into a VM configuration.
+    pub fn vm_config(&self) -> Result<VmConfig, ConfigError> {
+        let kernel = self.kernel.clone().ok_or(ConfigError::MissingKernel)?;
+        Ok(VmConfig {
+            payload: PayloadConfig {
+                kernel,
+                initramfs: self.initramfs.clone(),
+                cmdline: self.cmdline.clone(),
+            },
+            memory: MemoryConfig::parse(&self.memory)?,
+            cpus: CpusConfig::parse(&self.cpus)?,
+            serial: SerialConfig::parse(&self.serial)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<VmConfig, ConfigError> {
+        Cli::try_parse_from(std::iter::once("colovmm").chain(args.iter().copied()))
+            .unwrap()
+            .vm_config()
+    }
+
+    #[test]
+    fn full_command_line() {
+        let c = parse(&[
+            "--kernel",
+            "/k",
+            "--memory",
+            "size=1G",
+            "--cpus",
+            "boot=2",
+            "--serial",
+            "off",
+            "--cmdline",
+            "a=b",
+        ])
+        .unwrap();
+        assert_eq!(c.memory.size, 1 << 30);
+        assert_eq!(c.cpus.boot, 2);
+        assert_eq!(c.serial, SerialConfig::Off);
+        assert_eq!(c.payload.cmdline, "a=b");
+    }
+
+    #[test]
+    fn kernel_is_required() {
+        assert_eq!(parse(&[]), Err(ConfigError::MissingKernel));
+    }
+}

@@ -1,0 +1,288 @@
+//! The VM's configuration: what the CLI (and later the API) builds, and its validation.
+//!
+//! Option strings follow Cloud Hypervisor's `key=value,key=value` syntax.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+/// A configuration problem, worded for the user who typed it.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// `--kernel` is required to boot.
+    #[error("no kernel given: use --kernel PATH")]
+    MissingKernel,
+    /// A key the option does not know.
+    #[error("--{option}: unknown key '{key}' (known: {known})")]
+    UnknownKey {
+        /// The option (e.g. "memory").
+        option: &'static str,
+        /// The key that was given.
+        key: String,
+        /// The keys the option accepts.
+        known: String,
+    },
+    /// A `key=value` word without `=` or with an empty key.
+    #[error("--{option}: '{word}' is not key=value")]
+    NotKeyValue {
+        /// The option.
+        option: &'static str,
+        /// The offending word.
+        word: String,
+    },
+    /// A value that does not parse or is out of range.
+    #[error("--{option}: invalid {key} '{value}': {why}")]
+    InvalidValue {
+        /// The option.
+        option: &'static str,
+        /// The key.
+        key: &'static str,
+        /// The value given.
+        value: String,
+        /// Why it was refused.
+        why: String,
+    },
+}
+
+type Result<T> = std::result::Result<T, ConfigError>;
+
+/// Splits `a=1,b=2` into a map, refusing unknown keys (a repeated key keeps its last value).
+fn parse_kv(
+    option: &'static str,
+    input: &str,
+    known: &'static [&'static str],
+) -> Result<BTreeMap<&'static str, String>> {
+    let mut out = BTreeMap::new();
+    for word in input.split(',').filter(|w| !w.is_empty()) {
+        let (key, value) = word
+            .split_once('=')
+            .filter(|(k, _)| !k.is_empty())
+            .ok_or_else(|| ConfigError::NotKeyValue {
+                option,
+                word: word.to_string(),
+            })?;
+        let known_key =
+            known
+                .iter()
+                .find(|k| **k == key)
+                .ok_or_else(|| ConfigError::UnknownKey {
+                    option,
+                    key: key.to_string(),
+                    known: known.join(", "),
+                })?;
+        out.insert(*known_key, value.to_string());
+    }
+    Ok(out)
+}
+
+/// Parses sizes like `512M`, `1G`, `4096K` or plain bytes.
+pub fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let (digits, shift) = match s.char_indices().last()? {
+        (i, 'K' | 'k') => (&s[..i], 10),
+        (i, 'M' | 'm') => (&s[..i], 20),
+        (i, 'G' | 'g') => (&s[..i], 30),
+        _ => (s, 0),
+    };
+    let n: u64 = digits.parse().ok()?;
+    n.checked_mul(1u64 << shift)
+}
+
+/// Guest RAM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct MemoryConfig {
+    /// Bytes of RAM.
+    pub size: u64,
+}
+
+/// Smallest and largest RAM we accept: the boot structures need the first MiB, and the
+/// layout keeps everything under 1 TiB.
+pub const MIN_MEMORY: u64 = 16 << 20;
+const MAX_MEMORY: u64 = 1 << 40;
+
+impl MemoryConfig {
+    /// Parses `--memory size=512M`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let kv = parse_kv("memory", s, &["size"])?;
+        let Some(raw) = kv.get("size") else {
+            return Ok(Self::default());
+        };
+        let invalid = |why: &str| ConfigError::InvalidValue {
+            option: "memory",
+            key: "size",
+            value: raw.clone(),
+            why: why.to_string(),
+        };
+        let size = parse_size(raw).ok_or_else(|| invalid("expected a size such as 512M or 2G"))?;
+        if size < MIN_MEMORY {
+            return Err(invalid("at least 16M is needed"));
+        }
+        if size > MAX_MEMORY {
+            return Err(invalid("at most 1T is supported"));
+        }
+        if size % 4096 != 0 {
+            return Err(invalid("must be a multiple of 4K"));
+        }
+        Ok(Self { size })
+    }
+}
+
+impl Default for MemoryConfig {
+    fn default() -> Self {
+        Self { size: 512 << 20 }
+    }
+}
+
+/// Virtual CPUs.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CpusConfig {
+    /// vCPUs started at boot.
+    pub boot: u8,
+}
+
+/// Upper bound on vCPUs: APIC ids must fit the xAPIC's 8 bits and the MADT's u8 uids.
+pub const MAX_VCPUS: u8 = 254;
+
+impl CpusConfig {
+    /// Parses `--cpus boot=N`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let kv = parse_kv("cpus", s, &["boot"])?;
+        let Some(raw) = kv.get("boot") else {
+            return Ok(Self::default());
+        };
+        let boot = raw
+            .parse::<u8>()
+            .ok()
+            .filter(|n| (1..=MAX_VCPUS).contains(n))
+            .ok_or_else(|| ConfigError::InvalidValue {
+                option: "cpus",
+                key: "boot",
+                value: raw.clone(),
+                why: format!("expected 1 to {MAX_VCPUS}"),
+            })?;
+        Ok(Self { boot })
+    }
+}
+
+impl Default for CpusConfig {
+    fn default() -> Self {
+        Self { boot: 1 }
+    }
+}
+
+/// Where COM1 is connected.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum SerialConfig {
+    /// colovmm's stdin/stdout.
+    #[default]
+    Tty,
+    /// Output to a file (no input).
+    File(PathBuf),
+    /// A Unix socket: output to, and input from, the connected client.
+    Socket(PathBuf),
+    /// Not connected (the UART is still there).
+    Off,
+}
+
+impl SerialConfig {
+    /// Parses `--serial tty|off|file=PATH|socket=PATH`.
+    pub fn parse(s: &str) -> Result<Self> {
+        match s {
+            "tty" => return Ok(Self::Tty),
+            "off" | "null" => return Ok(Self::Off),
+            _ => {}
+        }
+        let kv = parse_kv("serial", s, &["file", "socket"])?;
+        match (kv.get("file"), kv.get("socket")) {
+            (Some(f), None) if !f.is_empty() => Ok(Self::File(f.into())),
+            (None, Some(p)) if !p.is_empty() => Ok(Self::Socket(p.into())),
+            _ => Err(ConfigError::InvalidValue {
+                option: "serial",
+                key: "mode",
+                value: s.to_string(),
+                why: "expected tty, off, file=PATH or socket=PATH".to_string(),
+            }),
+        }
+    }
+}
+
+/// What to boot.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PayloadConfig {
+    /// An ELF vmlinux with a PVH note, or a bzImage.
+    pub kernel: PathBuf,
+    /// An optional initramfs.
+    pub initramfs: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+}
+
+/// Everything needed to build and boot one VM.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct VmConfig {
+    /// Kernel, initramfs, command line.
+    pub payload: PayloadConfig,
+    /// RAM.
+    pub memory: MemoryConfig,
+    /// vCPUs.
+    pub cpus: CpusConfig,
+    /// COM1.
+    pub serial: SerialConfig,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("512M"), Some(512 << 20));
+        assert_eq!(parse_size("2G"), Some(2 << 30));
+        assert_eq!(parse_size("4096"), Some(4096));
+        assert_eq!(parse_size("x"), None);
+        assert_eq!(parse_size("99999999999999G"), None);
+        assert_eq!(parse_size(""), None);
+    }
+
+    #[test]
+    fn memory_option() {
+        assert_eq!(MemoryConfig::parse("size=1G").unwrap().size, 1 << 30);
+        assert!(matches!(
+            MemoryConfig::parse("size=0"),
+            Err(ConfigError::InvalidValue { .. })
+        ));
+        assert!(matches!(
+            MemoryConfig::parse("sise=1G"),
+            Err(ConfigError::UnknownKey { .. })
+        ));
+        assert!(matches!(
+            MemoryConfig::parse("1G"),
+            Err(ConfigError::NotKeyValue { .. })
+        ));
+        let msg = MemoryConfig::parse("size=0").unwrap_err().to_string();
+        assert!(msg.contains("--memory") && msg.contains("size"), "{msg}");
+    }
+
+    #[test]
+    fn cpus_option() {
+        assert_eq!(CpusConfig::parse("boot=2").unwrap().boot, 2);
+        assert!(CpusConfig::parse("boot=0").is_err());
+        assert!(CpusConfig::parse("boot=255").is_err());
+        assert!(CpusConfig::parse("max=2").is_err());
+    }
+
+    #[test]
+    fn serial_option() {
+        assert_eq!(SerialConfig::parse("tty").unwrap(), SerialConfig::Tty);
+        assert_eq!(SerialConfig::parse("off").unwrap(), SerialConfig::Off);
+        assert_eq!(
+            SerialConfig::parse("file=/tmp/x").unwrap(),
+            SerialConfig::File("/tmp/x".into())
+        );
+        assert_eq!(
+            SerialConfig::parse("socket=/tmp/s").unwrap(),
+            SerialConfig::Socket("/tmp/s".into())
+        );
+        assert!(SerialConfig::parse("pty").is_err());
+        assert!(SerialConfig::parse("file=").is_err());
+    }
+}

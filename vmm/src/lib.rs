@@ -1,0 +1,18 @@
+//! colovmm's VMM: builds a KVM VM from a [`config::VmConfig`] and runs it.
+//!
+//! Boot steps, in order: KVM VM → guest memory → irqchip + PIT → legacy devices → ACPI tables →
+//! kernel, command line, initramfs → vCPUs → run.
+
+pub mod acpi;
+pub mod boot;
+pub mod cli;
+pub mod config;
+pub mod console;
+pub mod cpu;
+pub mod layout;
+pub mod logger;
+pub mod memory;
+pub mod vcpu;
+pub mod vm;
+
+pub use vm::{Vm, VmError, VmOutcome};

@@ -1,0 +1,117 @@
+//! Guest RAM: its regions around the MMIO hole, the guest memory object, and the memory map
+//! given to the guest (e820 / PVH memmap).
+
+use vm_memory::bitmap::AtomicBitmap;
+use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::layout::{EBDA_START, HIGH_RAM_START, MMIO_HOLE_END, MMIO_HOLE_START};
+
+/// Guest memory with a dirty bitmap, so writes made by the VMM itself can be tracked.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<AtomicBitmap>;
+
+/// Errors setting up guest memory.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryError {
+    /// mmap of the RAM failed.
+    #[error("cannot allocate {size} bytes of guest RAM: {source}")]
+    Allocate {
+        /// Bytes requested.
+        size: u64,
+        /// Why.
+        source: vm_memory::mmap::FromRangesError,
+    },
+}
+
+/// The guest-physical RAM ranges for `size` bytes: below the MMIO hole, then above 4 GiB.
+pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
+    let low = size.min(MMIO_HOLE_START);
+    let mut ranges = vec![(GuestAddress(0), low as usize)];
+    if size > low {
+        ranges.push((GuestAddress(MMIO_HOLE_END), (size - low) as usize));
+    }
+    ranges
+}
+
+/// Allocates guest RAM of `size` bytes.
+pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
+    GuestMemory::from_ranges(&ram_ranges(size))
+        .map_err(|source| MemoryError::Allocate { size, source })
+}
+
+/// Kind of a memory-map entry (e820 type numbers).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MemoryType {
+    /// Usable RAM.
+    Ram = 1,
+    /// Reserved (EBDA, BIOS area holding our ACPI tables).
+    Reserved = 2,
+}
+
+/// One entry of the map handed to the guest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemoryMapEntry {
+    /// First byte.
+    pub addr: u64,
+    /// Length in bytes.
+    pub size: u64,
+    /// What it is.
+    pub kind: MemoryType,
+}
+
+/// The memory map a guest sees: low RAM, the reserved legacy area, and high RAM.
+pub fn memory_map(mem: &GuestMemory) -> Vec<MemoryMapEntry> {
+    let mut map = vec![
+        MemoryMapEntry {
+            addr: 0,
+            size: EBDA_START,
+            kind: MemoryType::Ram,
+        },
+        MemoryMapEntry {
+            addr: EBDA_START,
+            size: HIGH_RAM_START.0 - EBDA_START,
+            kind: MemoryType::Reserved,
+        },
+    ];
+    for region in mem.iter() {
+        let start = region.start_addr().0.max(HIGH_RAM_START.0);
+        let end = region.start_addr().0 + region.len();
+        if end > start {
+            map.push(MemoryMapEntry {
+                addr: start,
+                size: end - start,
+                kind: MemoryType::Ram,
+            });
+        }
+    }
+    map
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges_split_around_the_hole() {
+        assert_eq!(ram_ranges(512 << 20), vec![(GuestAddress(0), 512 << 20)]);
+        let r = ram_ranges(4 << 30);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r[0], (GuestAddress(0), MMIO_HOLE_START as usize));
+        assert_eq!(r[1], (GuestAddress(MMIO_HOLE_END), (1 << 30) as usize));
+    }
+
+    #[test]
+    fn map_covers_all_ram_once() {
+        let mem = create_guest_memory(64 << 20).unwrap();
+        let map = memory_map(&mem);
+        let ram: u64 = map
+            .iter()
+            .filter(|e| e.kind == MemoryType::Ram)
+            .map(|e| e.size)
+            .sum();
+        assert_eq!(ram, (64 << 20) - (HIGH_RAM_START.0 - EBDA_START));
+        assert_eq!(
+            map.last().unwrap().addr + map.last().unwrap().size,
+            64 << 20
+        );
+    }
+}

@@ -1,0 +1,155 @@
+//! A vCPU thread: KVM_RUN in a loop, routing port and MMIO exits to the buses and turning the
+//! exits that end a VM into exit requests.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use devices::bus::Bus;
+use devices::{ExitRequest, VmExitEvent};
+use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN};
+use kvm_ioctls::{VcpuExit, VcpuFd};
+use vmm_sys_util::signal::{register_signal_handler, Killable};
+
+/// Signal used to kick a vCPU thread out of KVM_RUN.
+fn kick_signal() -> i32 {
+    vmm_sys_util::signal::SIGRTMIN()
+}
+
+extern "C" fn noop_handler(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// Installs the kick signal's handler; idempotent. Without a handler the signal would kill us.
+pub fn install_kick_handler() -> std::io::Result<()> {
+    register_signal_handler(kick_signal(), noop_handler)
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))
+}
+
+/// What a vCPU thread shares with the rest of the VM.
+#[derive(Clone)]
+pub struct VcpuContext {
+    /// Port I/O devices.
+    pub pio: Arc<Bus>,
+    /// MMIO devices.
+    pub mmio: Arc<Bus>,
+    /// Where guest-initiated exits are reported.
+    pub exit: Arc<VmExitEvent>,
+    /// Set when the VM is stopping; the thread leaves its loop at the next exit.
+    pub stop: Arc<AtomicBool>,
+}
+
+/// One vCPU and its run loop.
+pub struct Vcpu {
+    id: u8,
+    fd: VcpuFd,
+    ctx: VcpuContext,
+}
+
+impl Vcpu {
+    /// A vCPU ready to run.
+    pub fn new(id: u8, fd: VcpuFd, ctx: VcpuContext) -> Self {
+        Self { id, fd, ctx }
+    }
+
+    /// Starts the run loop on its own thread.
+    pub fn spawn(self) -> std::io::Result<JoinHandle<()>> {
+        std::thread::Builder::new()
+            .name(format!("vcpu{}", self.id))
+            .spawn(move || self.run())
+    }
+
+    fn run(mut self) {
+        while !self.ctx.stop.load(Ordering::Acquire) {
+            if let Some(req) = self.run_once() {
+                self.ctx.exit.request(req);
+                return;
+            }
+        }
+    }
+
+    /// One KVM_RUN; returns a request when the VM must stop.
+    fn run_once(&mut self) -> Option<ExitRequest> {
+        let ctx = &self.ctx;
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !ctx.pio.read(port.into(), data) {
+                    data.fill(0xff);
+                }
+                None
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                ctx.pio.write(port.into(), data);
+                None
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !ctx.mmio.read(addr, data) {
+                    data.fill(0);
+                }
+                None
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                ctx.mmio.write(addr, data);
+                None
+            }
+            Ok(VcpuExit::Hlt) | Ok(VcpuExit::IrqWindowOpen) | Ok(VcpuExit::Intr) => None,
+            Ok(VcpuExit::Shutdown) => Some(self.crash("triple fault (KVM_EXIT_SHUTDOWN)")),
+            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitRequest::PowerOff),
+                KVM_SYSTEM_EVENT_RESET => Some(ExitRequest::Reset),
+                KVM_SYSTEM_EVENT_CRASH => Some(self.crash("guest reported a crash")),
+                other => Some(self.crash(&format!("unknown system event {other}"))),
+            },
+            Ok(VcpuExit::InternalError) => {
+                Some(self.crash("KVM internal error (instruction emulation failed)"))
+            }
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(self.crash(&format!(
+                "VM entry failed (hardware reason {reason:#x} on host CPU {cpu})"
+            ))),
+            Ok(other) => {
+                let what = format!("unexpected exit {other:?}");
+                Some(self.crash(&what))
+            }
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                // Kicked: clear KVM's immediate-exit flag and look at `stop` again.
+                self.fd.set_kvm_immediate_exit(0);
+                None
+            }
+            Err(e) => Some(self.crash(&format!("KVM_RUN failed: {e}"))),
+        }
+    }
+
+    /// A crash request carrying the vCPU's registers, so the user sees where it died.
+    fn crash(&self, what: &str) -> ExitRequest {
+        let mut msg = format!("vCPU {}: {what}", self.id);
+        match (self.fd.get_regs(), self.fd.get_sregs()) {
+            (Ok(r), Ok(s)) => msg.push_str(&format!(
+                "\n  rip={:#018x} rsp={:#018x} rflags={:#010x}\n  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}\n  rsi={:#018x} rdi={:#018x} rbp={:#018x}\n  cs={:#06x} ss={:#06x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
+                r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp,
+                s.cs.selector, s.ss.selector, s.cr0, s.cr2, s.cr3, s.cr4, s.efer
+            )),
+            (Err(e), _) | (_, Err(e)) => msg.push_str(&format!(" (registers unavailable: {e})")),
+        }
+        ExitRequest::Crash(msg)
+    }
+}
+
+/// Stops vCPU threads: sets `stop`, then kicks each thread until it has left KVM_RUN.
+///
+/// A kick can land just before a thread enters KVM_RUN and be lost, so it is repeated.
+pub fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
+    stop.store(true, Ordering::Release);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for t in threads {
+        while !t.is_finished() && Instant::now() < deadline {
+            if let Err(e) = t.kill(kick_signal()) {
+                log::debug!("kick failed: {e}");
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        } else {
+            log::warn!("a vCPU thread did not stop within 5 s");
+        }
+    }
+}

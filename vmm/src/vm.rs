@@ -1,0 +1,267 @@
+//! A VM: built from a [`VmConfig`] one boot step at a time, then run until the guest leaves.
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use devices::acpi_power::{AcpiSleepControl, ACPI_SLEEP_PORT};
+use devices::bus::{Bus, BusError};
+use devices::legacy::i8042::{I8042_BASE, I8042_LEN};
+use devices::legacy::serial::{COM1_BASE, COM1_IRQ, COM1_LEN};
+use devices::legacy::{SerialPort, I8042};
+use devices::{ExitRequest, VmExitEvent};
+use kvm_bindings::{
+    kvm_pit_config, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES, KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{Kvm, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::acpi::{create_acpi_tables, AcpiError};
+use crate::boot::{load_payload, BootEntry, BootError};
+use crate::config::VmConfig;
+use crate::console::{open_console, start_input, ConsoleError, ConsoleInput};
+use crate::cpu::{configure_vcpu, vcpu_cpuid, CpuError};
+use crate::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
+use crate::memory::{create_guest_memory, GuestMemory, MemoryError};
+use crate::vcpu::{install_kick_handler, stop_vcpus, Vcpu, VcpuContext};
+
+/// Errors building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// /dev/kvm could not be opened or used.
+    #[error("KVM: {what}: {source}")]
+    Kvm {
+        /// Which step.
+        what: &'static str,
+        /// The errno.
+        source: kvm_ioctls::Error,
+    },
+    /// Guest memory.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// ACPI tables.
+    #[error(transparent)]
+    Acpi(#[from] AcpiError),
+    /// Kernel loading.
+    #[error(transparent)]
+    Boot(#[from] BootError),
+    /// vCPU set-up.
+    #[error(transparent)]
+    Cpu(#[from] CpuError),
+    /// Console set-up.
+    #[error(transparent)]
+    Console(#[from] ConsoleError),
+    /// Device placement.
+    #[error("device layout: {0}")]
+    Bus(#[from] BusError),
+    /// Thread, eventfd or signal set-up.
+    #[error("{what}: {source}")]
+    Io {
+        /// Which step.
+        what: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
+}
+
+type Result<T> = std::result::Result<T, VmError>;
+
+fn kvm_err(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::Kvm { what, source }
+}
+
+fn io_err(what: &'static str) -> impl FnOnce(std::io::Error) -> VmError {
+    move |source| VmError::Io { what, source }
+}
+
+/// How a VM ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum VmOutcome {
+    /// The guest powered off.
+    PowerOff,
+    /// The guest reset (treated as an exit, like Cloud Hypervisor without reboot support).
+    Reset,
+    /// The guest crashed; the text has the vCPU state.
+    Crash(String),
+}
+
+/// A VM ready to run.
+pub struct Vm {
+    fd: VmFd,
+    memory: GuestMemory,
+    vcpus: Vec<Vcpu>,
+    exit: Arc<VmExitEvent>,
+    stop: Arc<AtomicBool>,
+    serial: Arc<Mutex<SerialPort>>,
+    console_input: ConsoleInput,
+}
+
+impl Vm {
+    /// Builds the VM: KVM VM, memory, interrupt controllers, devices, payload, vCPUs.
+    pub fn new(config: &VmConfig) -> Result<Self> {
+        let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
+        let fd = create_vm_fd(&kvm)?;
+        let memory = create_guest_memory(config.memory.size)?;
+        register_memory(&fd, &memory)?;
+        create_irqchip(&fd)?;
+
+        let exit = Arc::new(VmExitEvent::new().map_err(io_err("exit eventfd"))?);
+        let (serial, console_input) = create_serial(&fd, config)?;
+        let pio = Arc::new(create_pio_bus(serial.clone(), exit.clone())?);
+        let mmio = Arc::new(Bus::new());
+
+        let rsdp = create_acpi_tables(&memory, config.cpus.boot)?;
+        let entry = load_payload(&memory, &config.payload, rsdp)?;
+        log::info!("boot entry: {entry:?}");
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let ctx = VcpuContext {
+            pio,
+            mmio,
+            exit: exit.clone(),
+            stop: stop.clone(),
+        };
+        let vcpus = create_vcpus(&kvm, &fd, config.cpus.boot, entry, &ctx)?;
+        Ok(Self {
+            fd,
+            memory,
+            vcpus,
+            exit,
+            stop,
+            serial,
+            console_input,
+        })
+    }
+
+    /// Guest memory.
+    pub fn memory(&self) -> &GuestMemory {
+        &self.memory
+    }
+
+    /// Runs the vCPUs until the guest powers off, resets or crashes.
+    pub fn run(self) -> Result<VmOutcome> {
+        install_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
+        start_input(self.console_input, self.serial.clone())
+            .map_err(io_err("starting the console thread"))?;
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        for vcpu in self.vcpus {
+            threads.push(vcpu.spawn().map_err(io_err("starting a vCPU thread"))?);
+        }
+        let request = wait_for_exit(&self.exit);
+        stop_vcpus(&self.stop, threads);
+        drop(self.fd);
+        Ok(match request {
+            ExitRequest::PowerOff => VmOutcome::PowerOff,
+            ExitRequest::Reset => VmOutcome::Reset,
+            ExitRequest::Crash(msg) => VmOutcome::Crash(msg),
+        })
+    }
+}
+
+fn wait_for_exit(exit: &VmExitEvent) -> ExitRequest {
+    loop {
+        if let Some(req) = exit.pending() {
+            return req;
+        }
+        let mut pfd = libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(exit.fd()),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, for the duration of the call.
+        unsafe { libc::poll(&mut pfd, 1, -1) };
+        let _ = exit.fd().read();
+    }
+}
+
+fn create_vm_fd(kvm: &Kvm) -> Result<VmFd> {
+    let fd = kvm.create_vm().map_err(kvm_err("KVM_CREATE_VM"))?;
+    // Needed by VMX only; other back ends (e.g. kvm_pvm, SVM) may refuse it harmlessly.
+    if let Err(e) = fd.set_tss_address(KVM_TSS_ADDRESS) {
+        log::debug!("KVM_SET_TSS_ADDR: {e}");
+    }
+    if let Err(e) = fd.set_identity_map_address(KVM_IDENTITY_MAP_ADDRESS) {
+        log::debug!("KVM_SET_IDENTITY_MAP_ADDR: {e}");
+    }
+    Ok(fd)
+}
+
+fn register_memory(fd: &VmFd, memory: &GuestMemory) -> Result<()> {
+    for (slot, region) in memory.iter().enumerate() {
+        let host = memory
+            .get_host_address(region.start_addr())
+            .map_err(|_| VmError::Kvm {
+                what: "guest memory host address",
+                source: kvm_ioctls::Error::new(libc::EFAULT),
+            })?;
+        let desc = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region stays mapped for the VM's lifetime (`Vm` owns `memory`, and the
+        // VM fd is dropped before it), and slots do not overlap.
+        unsafe { fd.set_user_memory_region(desc) }
+            .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
+    }
+    Ok(())
+}
+
+fn create_irqchip(fd: &VmFd) -> Result<()> {
+    fd.create_irq_chip()
+        .map_err(kvm_err("KVM_CREATE_IRQCHIP"))?;
+    let pit = kvm_pit_config {
+        flags: KVM_PIT_SPEAKER_DUMMY,
+        ..Default::default()
+    };
+    fd.create_pit2(pit).map_err(kvm_err("KVM_CREATE_PIT2"))?;
+    Ok(())
+}
+
+fn create_serial(fd: &VmFd, config: &VmConfig) -> Result<(Arc<Mutex<SerialPort>>, ConsoleInput)> {
+    let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("serial eventfd"))?;
+    fd.register_irqfd(&irq, COM1_IRQ)
+        .map_err(kvm_err("KVM_IRQFD (COM1)"))?;
+    let (out, input) = open_console(&config.serial)?;
+    Ok((Arc::new(Mutex::new(SerialPort::new(irq, out))), input))
+}
+
+fn create_pio_bus(serial: Arc<Mutex<SerialPort>>, exit: Arc<VmExitEvent>) -> Result<Bus> {
+    let mut pio = Bus::new();
+    pio.insert(serial, COM1_BASE.into(), COM1_LEN.into())?;
+    pio.insert(
+        Arc::new(Mutex::new(I8042::new(exit.clone()))),
+        I8042_BASE.into(),
+        I8042_LEN.into(),
+    )?;
+    pio.insert(
+        Arc::new(Mutex::new(AcpiSleepControl::new(exit))),
+        ACPI_SLEEP_PORT.into(),
+        1,
+    )?;
+    Ok(pio)
+}
+
+fn create_vcpus(
+    kvm: &Kvm,
+    fd: &VmFd,
+    count: u8,
+    entry: BootEntry,
+    ctx: &VcpuContext,
+) -> Result<Vec<Vcpu>> {
+    let base_cpuid = kvm
+        .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+        .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+    (0..count)
+        .map(|id| {
+            let vcpu = fd
+                .create_vcpu(id.into())
+                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+            let boot = (id == 0).then_some(entry);
+            configure_vcpu(&vcpu, id, &vcpu_cpuid(&base_cpuid, id, count), boot)?;
+            Ok(Vcpu::new(id, vcpu, ctx.clone()))
+        })
+        .collect()
+}
