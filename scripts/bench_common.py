@@ -1,0 +1,92 @@
+"""Shared by the benchmark scripts: run a VMM on the test guest, time console lines, and
+update one section of docs/benchmarks.md."""
+
+import os
+import re
+import select
+import statistics
+import subprocess
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+COLOVMM = os.path.join(ROOT, "target/release/colovmm")
+GUEST = os.path.join(ROOT, "target/guest/testguest")
+
+
+def colovmm_cmd(cpus=1, mem="256M", cmdline=""):
+    return [COLOVMM, "--kernel", GUEST, "--cpus", f"boot={cpus}",
+            "--memory", f"size={mem}", "--cmdline", cmdline]
+
+
+def qemu_cmd(cpus=1, mem="256M", cmdline=""):
+    # -cpu host aborts QEMU on this KVM (MSR 0x10a); host minus arch-capabilities works.
+    return ["qemu-system-x86_64", "-M", "microvm", "-enable-kvm", "-cpu", "host,-arch-capabilities",
+            "-m", mem, "-smp", str(cpus), "-nographic", "-nodefaults", "-no-reboot",
+            "-serial", "stdio", "-kernel", GUEST, "-append", cmdline]
+
+
+class Vm:
+    """A VMM process with the guest console on its stdin/stdout."""
+
+    def __init__(self, cmd):
+        self.start = time.monotonic()
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL)
+        self.buf = b""
+
+    def line(self, pattern, timeout=30.0):
+        """Waits for a line matching `pattern`; returns (line, seconds since start)."""
+        deadline = time.monotonic() + timeout
+        rx = re.compile(pattern)
+        while True:
+            while b"\n" in self.buf:
+                raw, self.buf = self.buf.split(b"\n", 1)
+                text = raw.decode(errors="replace").rstrip("\r")
+                if rx.search(text):
+                    return text, time.monotonic() - self.start
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no line matching {pattern!r}")
+            r, _, _ = select.select([self.proc.stdout], [], [], left)
+            if r:
+                chunk = os.read(self.proc.stdout.fileno(), 65536)
+                if not chunk:
+                    raise EOFError(f"VMM exited before {pattern!r}")
+                self.buf += chunk
+
+    def send(self, text):
+        self.proc.stdin.write((text + "\n").encode())
+        self.proc.stdin.flush()
+
+    def ask(self, cmd, pattern, timeout=30.0):
+        t0 = time.monotonic()
+        self.send(cmd)
+        text, _ = self.line(pattern, timeout)
+        return text, time.monotonic() - t0
+
+    def stop(self):
+        try:
+            self.send("poweroff")
+            self.proc.wait(timeout=5)
+        except Exception:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def median(xs):
+    return statistics.median(xs)
+
+
+def update_section(path, name, body):
+    """Replaces the text between <!-- NAME:begin --> and <!-- NAME:end --> (or appends it)."""
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    text = open(path).read() if os.path.exists(path) else "# Benchmarks\n"
+    block = f"{begin}\n{body.rstrip()}\n{end}"
+    if begin in text and end in text:
+        pre, rest = text.split(begin, 1)
+        _, post = rest.split(end, 1)
+        text = pre + block + post
+    else:
+        text = text.rstrip() + "\n\n" + block + "\n"
+    with open(path, "w") as f:
+        f.write(text)
