@@ -6,9 +6,14 @@
 pub mod acpi_power;
 pub mod bus;
 pub mod legacy;
+pub mod state;
+pub mod virtio;
 
 use std::sync::Mutex;
 use vmm_sys_util::eventfd::EventFd;
+
+/// Guest memory as devices see it: with the bitmap that records the VMM's own writes.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
 /// Why the guest asked to stop running.
 #[derive(Clone, Debug, PartialEq, Eq)]
