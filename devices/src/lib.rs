@@ -6,6 +6,7 @@
 pub mod acpi_power;
 pub mod bus;
 pub mod legacy;
+pub mod rate_limit;
 pub mod state;
 pub mod virtio;
 

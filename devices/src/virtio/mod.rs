@@ -1,5 +1,6 @@
 //! Virtio: the device trait, interrupt signalling, and the MMIO transport devices sit behind.
 
+pub mod block;
 pub mod mmio;
 pub mod queue;
 

@@ -1,0 +1,655 @@
+//! The virtio-blk device: configuration space, features, and its worker thread.
+
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use serde::{Deserialize, Serialize};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::backend::BlockBackend;
+use super::request::{execute, Completed, DiskInfo, SECTOR_SIZE};
+use crate::state::{ComponentState, StateError, Stateful};
+use crate::virtio::{
+    device_type, features, read_config_bytes, ActivateContext, ActivateError, ActiveQueue,
+    Interrupt, VirtioDevice, INT_VRING,
+};
+use crate::GuestMemory;
+
+const QUEUE_SIZE: u16 = 256;
+const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
+
+mod feature {
+    pub const SEG_MAX: u64 = 1 << 2;
+    pub const RO: u64 = 1 << 5;
+    pub const BLK_SIZE: u64 = 1 << 6;
+    pub const FLUSH: u64 = 1 << 9;
+    pub const DISCARD: u64 = 1 << 13;
+    pub const WRITE_ZEROES: u64 = 1 << 14;
+}
+
+/// What the user configured for one disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BlockConfig {
+    /// Refuse guest writes.
+    pub readonly: bool,
+    /// GET_ID answer (at most 20 bytes are used).
+    pub id: String,
+}
+
+/// Per-disk I/O counters.
+#[derive(Default, Debug)]
+pub struct BlockCounters {
+    /// Completed read requests.
+    pub read_ops: AtomicU64,
+    /// Bytes read.
+    pub read_bytes: AtomicU64,
+    /// Completed write requests.
+    pub write_ops: AtomicU64,
+    /// Bytes written.
+    pub write_bytes: AtomicU64,
+    /// Requests that failed.
+    pub errors: AtomicU64,
+}
+
+/// What the worker thread gives back when it stops.
+type WorkerExit = (Box<dyn BlockBackend>, Queue);
+
+enum Lifecycle {
+    Idle(Box<dyn BlockBackend>),
+    Running {
+        kill: EventFd,
+        thread: JoinHandle<WorkerExit>,
+    },
+    /// The worker panicked and took the backend with it.
+    Broken,
+}
+
+/// A virtio-blk device.
+pub struct Block {
+    config: BlockConfig,
+    size: u64,
+    lifecycle: Lifecycle,
+    counters: Arc<BlockCounters>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct BlockState {
+    capacity_sectors: u64,
+    readonly: bool,
+}
+
+const STATE_KIND: &str = "virtio-blk";
+const STATE_VERSION: u32 = 1;
+
+impl Block {
+    /// A device serving `backend`.
+    pub fn new(backend: Box<dyn BlockBackend>, config: BlockConfig) -> Self {
+        Self {
+            size: backend.size(),
+            config,
+            lifecycle: Lifecycle::Idle(backend),
+            counters: Arc::new(BlockCounters::default()),
+        }
+    }
+
+    /// I/O counters, updated by the worker.
+    pub fn counters(&self) -> Arc<BlockCounters> {
+        self.counters.clone()
+    }
+
+    fn config_space(&self) -> [u8; 60] {
+        let mut c = [0u8; 60];
+        c[0..8].copy_from_slice(&(self.size / SECTOR_SIZE).to_le_bytes());
+        c[12..16].copy_from_slice(&u32::from(QUEUE_SIZE - 2).to_le_bytes()); // seg_max
+        c[20..24].copy_from_slice(&512u32.to_le_bytes()); // blk_size
+        c[34..36].copy_from_slice(&1u16.to_le_bytes()); // num_queues
+        c[36..40].copy_from_slice(&u32::MAX.to_le_bytes()); // max_discard_sectors
+        c[40..44].copy_from_slice(&1u32.to_le_bytes()); // max_discard_seg
+        c[44..48].copy_from_slice(&8u32.to_le_bytes()); // discard_sector_alignment (4 KiB)
+        c[48..52].copy_from_slice(&u32::MAX.to_le_bytes()); // max_write_zeroes_sectors
+        c[52..56].copy_from_slice(&1u32.to_le_bytes()); // max_write_zeroes_seg
+        c
+    }
+}
+
+impl VirtioDevice for Block {
+    fn device_type(&self) -> u32 {
+        device_type::BLOCK
+    }
+
+    fn queue_max_sizes(&self) -> &[u16] {
+        &QUEUE_SIZES
+    }
+
+    fn avail_features(&self) -> u64 {
+        let mut f = features::VERSION_1
+            | features::RING_EVENT_IDX
+            | feature::SEG_MAX
+            | feature::BLK_SIZE
+            | feature::FLUSH;
+        if self.config.readonly {
+            f |= feature::RO;
+        } else {
+            f |= feature::DISCARD | feature::WRITE_ZEROES;
+        }
+        f
+    }
+
+    fn read_config(&self, offset: u64, data: &mut [u8]) {
+        read_config_bytes(&self.config_space(), offset, data);
+    }
+
+    fn activate(&mut self, ctx: ActivateContext) -> Result<(), ActivateError> {
+        let Lifecycle::Idle(_) = self.lifecycle else {
+            return Err(ActivateError::Worker("device already active".into()));
+        };
+        let mut queues = ctx.queues.into_iter();
+        let queue = queues.next().ok_or(ActivateError::QueueNotReady(0))?;
+        if !queue.queue.ready() {
+            return Err(ActivateError::QueueNotReady(0));
+        }
+        let kill =
+            EventFd::new(libc::EFD_NONBLOCK).map_err(|e| ActivateError::Worker(e.to_string()))?;
+        let kill_worker = kill
+            .try_clone()
+            .map_err(|e| ActivateError::Worker(e.to_string()))?;
+        let Lifecycle::Idle(backend) = std::mem::replace(&mut self.lifecycle, Lifecycle::Broken)
+        else {
+            return Err(ActivateError::Worker("device already active".into()));
+        };
+        let worker = Worker {
+            mem: ctx.mem,
+            queue,
+            interrupt: ctx.interrupt,
+            backend,
+            id: self.config.id.as_bytes().to_vec(),
+            readonly: self.config.readonly,
+            counters: self.counters.clone(),
+            bounce: Vec::new(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(format!("blk-{}", self.config.id))
+            .spawn(move || worker.run(kill_worker))
+            .map_err(|e| ActivateError::Worker(e.to_string()))?;
+        self.lifecycle = Lifecycle::Running { kill, thread };
+        Ok(())
+    }
+
+    fn reset(&mut self) -> Vec<Queue> {
+        match std::mem::replace(&mut self.lifecycle, Lifecycle::Broken) {
+            Lifecycle::Running { kill, thread } => {
+                let _ = kill.write(1);
+                match thread.join() {
+                    Ok((backend, queue)) => {
+                        self.lifecycle = Lifecycle::Idle(backend);
+                        vec![queue]
+                    }
+                    Err(_) => {
+                        log::error!("virtio-blk {}: worker panicked", self.config.id);
+                        Vec::new()
+                    }
+                }
+            }
+            other => {
+                self.lifecycle = other;
+                Vec::new()
+            }
+        }
+    }
+}
+
+impl Stateful for Block {
+    fn save_state(&self) -> Result<ComponentState, StateError> {
+        let s = BlockState {
+            capacity_sectors: self.size / SECTOR_SIZE,
+            readonly: self.config.readonly,
+        };
+        ComponentState::encode(STATE_KIND, STATE_VERSION, &s)
+    }
+
+    fn restore_state(&mut self, state: &ComponentState) -> Result<(), StateError> {
+        let s: BlockState = state.decode(STATE_KIND, STATE_VERSION)?;
+        if s.capacity_sectors != self.size / SECTOR_SIZE || s.readonly != self.config.readonly {
+            return Err(StateError::Mismatch {
+                kind: STATE_KIND.into(),
+                why: format!(
+                    "saved disk has {} sectors (readonly={}), this one {} (readonly={})",
+                    s.capacity_sectors,
+                    s.readonly,
+                    self.size / SECTOR_SIZE,
+                    self.config.readonly
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+struct Worker {
+    mem: GuestMemory,
+    queue: ActiveQueue,
+    interrupt: Arc<Interrupt>,
+    backend: Box<dyn BlockBackend>,
+    id: Vec<u8>,
+    readonly: bool,
+    counters: Arc<BlockCounters>,
+    bounce: Vec<u8>,
+}
+
+const TOKEN_QUEUE: u64 = 0;
+const TOKEN_KILL: u64 = 1;
+
+impl Worker {
+    fn run(mut self, kill: EventFd) -> WorkerExit {
+        if let Err(e) = self.event_loop(&kill) {
+            log::error!("virtio-blk worker stopped: {e}");
+        }
+        (self.backend, self.queue.queue)
+    }
+
+    fn event_loop(&mut self, kill: &EventFd) -> std::io::Result<()> {
+        let epoll = Epoll::new()?;
+        let add = |fd: i32, token| {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )
+        };
+        add(self.queue.notify.as_raw_fd(), TOKEN_QUEUE)?;
+        add(kill.as_raw_fd(), TOKEN_KILL)?;
+        // Requests may already be waiting (restore, or a notify before activation).
+        self.process_queue();
+        let mut events = [EpollEvent::default(); 4];
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            for ev in &events[..n] {
+                match ev.data() {
+                    TOKEN_KILL => return Ok(()),
+                    TOKEN_QUEUE => {
+                        let _ = self.queue.notify.read();
+                        self.process_queue();
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// Serves every available request, with guest notifications off while we work.
+    fn process_queue(&mut self) {
+        let mem = &self.mem;
+        let queue = &mut self.queue.queue;
+        let disk = DiskInfo {
+            readonly: self.readonly,
+            id: &self.id,
+        };
+        let mut used_any = false;
+        loop {
+            if let Err(e) = queue.disable_notification(mem) {
+                crate::warn_limited!("virtio-blk: queue unusable: {e:?}");
+                return;
+            }
+            let chains: Vec<_> = match queue.iter(mem) {
+                Ok(iter) => iter.collect(),
+                Err(e) => {
+                    crate::warn_limited!("virtio-blk: bad available ring: {e:?}");
+                    return;
+                }
+            };
+            for chain in chains {
+                let head = chain.head_index();
+                let outcome = execute(mem, chain, self.backend.as_mut(), &disk, &mut self.bounce);
+                count(&self.counters, outcome.completed);
+                if let Err(e) = queue.add_used(mem, head, outcome.used_len) {
+                    crate::warn_limited!("virtio-blk: cannot return descriptor {head}: {e:?}");
+                }
+                used_any = true;
+            }
+            match queue.enable_notification(mem) {
+                Ok(true) => continue, // more arrived while notifications were off
+                Ok(false) => break,
+                Err(e) => {
+                    crate::warn_limited!("virtio-blk: queue unusable: {e:?}");
+                    break;
+                }
+            }
+        }
+        if used_any && queue.needs_notification(mem).unwrap_or(true) {
+            self.interrupt.signal(INT_VRING);
+        }
+    }
+}
+
+fn count(c: &BlockCounters, done: Completed) {
+    match done {
+        Completed::Read(n) => {
+            c.read_ops.fetch_add(1, Ordering::Relaxed);
+            c.read_bytes.fetch_add(n, Ordering::Relaxed);
+        }
+        Completed::Write(n) => {
+            c.write_ops.fetch_add(1, Ordering::Relaxed);
+            c.write_bytes.fetch_add(n, Ordering::Relaxed);
+        }
+        Completed::Other => {}
+        Completed::Failed => {
+            c.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::block::request::status;
+    use std::io;
+    use std::sync::Mutex;
+    use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// A disk in memory, shared with the test.
+    #[derive(Clone)]
+    struct MemDisk(Arc<Mutex<Vec<u8>>>);
+
+    impl BlockBackend for MemDisk {
+        fn size(&self) -> u64 {
+            self.0.lock().unwrap().len() as u64
+        }
+        fn read_at(&mut self, off: u64, buf: &mut [u8]) -> io::Result<()> {
+            let d = self.0.lock().unwrap();
+            let end = off as usize + buf.len();
+            buf.copy_from_slice(
+                d.get(off as usize..end)
+                    .ok_or(io::ErrorKind::UnexpectedEof)?,
+            );
+            Ok(())
+        }
+        fn write_at(&mut self, off: u64, buf: &[u8]) -> io::Result<()> {
+            let mut d = self.0.lock().unwrap();
+            let end = off as usize + buf.len();
+            d.get_mut(off as usize..end)
+                .ok_or(io::ErrorKind::UnexpectedEof)?
+                .copy_from_slice(buf);
+            Ok(())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn discard(&mut self, off: u64, len: u64) -> io::Result<()> {
+            self.write_zeroes(off, len)
+        }
+        fn write_zeroes(&mut self, off: u64, len: u64) -> io::Result<()> {
+            let mut d = self.0.lock().unwrap();
+            d[off as usize..(off + len) as usize].fill(0);
+            Ok(())
+        }
+    }
+
+    const HDR: u64 = 0x10_0000;
+    const DATA: u64 = 0x20_0000;
+    const STATUS: u64 = 0x30_0000;
+
+    fn mem() -> GuestMemory {
+        GuestMemory::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap()
+    }
+
+    fn desc(addr: u64, len: u32, flags: u32) -> RawDescriptor {
+        RawDescriptor::from(SplitDescriptor::new(addr, len, flags as u16, 0))
+    }
+
+    fn header(mem: &GuestMemory, type_: u32, sector: u64) {
+        mem.write_obj(type_, GuestAddress(HDR)).unwrap();
+        mem.write_obj(0u32, GuestAddress(HDR + 4)).unwrap();
+        mem.write_obj(sector, GuestAddress(HDR + 8)).unwrap();
+    }
+
+    fn run(mem: &GuestMemory, disk: &mut MemDisk, descs: &[RawDescriptor], readonly: bool) -> u32 {
+        let vq = MockSplitQueue::new(mem, 16);
+        let chain = vq.build_desc_chain(descs).unwrap();
+        let info = DiskInfo {
+            readonly,
+            id: b"disk-under-test",
+        };
+        execute(mem, chain, disk, &info, &mut Vec::new()).used_len
+    }
+
+    fn disk() -> MemDisk {
+        MemDisk(Arc::new(Mutex::new(
+            (0..64 * 1024).map(|i| (i / 512) as u8).collect(),
+        )))
+    }
+
+    fn status_byte(mem: &GuestMemory) -> u8 {
+        mem.read_obj(GuestAddress(STATUS)).unwrap()
+    }
+
+    #[test]
+    fn read_write_flush_and_id() {
+        let mem = mem();
+        let mut d = disk();
+        header(&mem, 0, 3);
+        let len = run(
+            &mem,
+            &mut d,
+            &[
+                desc(HDR, 16, 0),
+                desc(DATA, 1024, VRING_DESC_F_WRITE),
+                desc(STATUS, 1, VRING_DESC_F_WRITE),
+            ],
+            false,
+        );
+        assert_eq!(len, 1025);
+        assert_eq!(status_byte(&mem), status::OK);
+        let mut buf = [0u8; 1024];
+        mem.read_slice(&mut buf, GuestAddress(DATA)).unwrap();
+        assert!(buf[..512].iter().all(|b| *b == 3) && buf[512..].iter().all(|b| *b == 4));
+
+        header(&mem, 1, 10);
+        mem.write_slice(&[0xee; 512], GuestAddress(DATA)).unwrap();
+        let len = run(
+            &mem,
+            &mut d,
+            &[
+                desc(HDR, 16, 0),
+                desc(DATA, 512, 0),
+                desc(STATUS, 1, VRING_DESC_F_WRITE),
+            ],
+            false,
+        );
+        assert_eq!((len, status_byte(&mem)), (1, status::OK));
+        assert!(d.0.lock().unwrap()[10 * 512..11 * 512]
+            .iter()
+            .all(|b| *b == 0xee));
+
+        header(&mem, 8, 0);
+        let len = run(
+            &mem,
+            &mut d,
+            &[
+                desc(HDR, 16, 0),
+                desc(DATA, 20, VRING_DESC_F_WRITE),
+                desc(STATUS, 1, VRING_DESC_F_WRITE),
+            ],
+            false,
+        );
+        assert_eq!(len, 21);
+        let mut id = [0u8; 15];
+        mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+        assert_eq!(&id, b"disk-under-test");
+    }
+
+    #[test]
+    fn readonly_and_out_of_range_fail_the_request_only() {
+        let mem = mem();
+        let mut d = disk();
+        header(&mem, 1, 0);
+        let chain = [
+            desc(HDR, 16, 0),
+            desc(DATA, 512, 0),
+            desc(STATUS, 1, VRING_DESC_F_WRITE),
+        ];
+        assert_eq!(run(&mem, &mut d, &chain, true), 1);
+        assert_eq!(status_byte(&mem), status::IOERR);
+        assert_eq!(d.0.lock().unwrap()[0], 0, "read-only disk unchanged");
+
+        header(&mem, 0, 127); // last sector + 1 more
+        let chain = [
+            desc(HDR, 16, 0),
+            desc(DATA, 1024, VRING_DESC_F_WRITE),
+            desc(STATUS, 1, VRING_DESC_F_WRITE),
+        ];
+        assert_eq!(run(&mem, &mut d, &chain, false), 1);
+        assert_eq!(status_byte(&mem), status::IOERR);
+
+        header(&mem, 0, u64::MAX / 2); // sector * 512 overflows
+        assert_eq!(run(&mem, &mut d, &chain, false), 1);
+        assert_eq!(status_byte(&mem), status::IOERR);
+
+        header(&mem, 99, 0);
+        assert_eq!(run(&mem, &mut d, &chain, false), 1);
+        assert_eq!(status_byte(&mem), status::UNSUPP);
+    }
+
+    #[test]
+    fn malformed_chains_fail_without_panicking() {
+        let mem = mem();
+        let mut d = disk();
+        header(&mem, 0, 0);
+        // Data buffer outside guest memory.
+        let outside = [
+            desc(HDR, 16, 0),
+            desc(64 << 20, 512, VRING_DESC_F_WRITE),
+            desc(STATUS, 1, VRING_DESC_F_WRITE),
+        ];
+        assert_eq!(run(&mem, &mut d, &outside, false), 0);
+        // No writable descriptor at all: nowhere to put a status.
+        let no_status = [desc(HDR, 16, 0), desc(DATA, 512, 0)];
+        assert_eq!(run(&mem, &mut d, &no_status, false), 0);
+        // Absurd length that wraps the address space.
+        let absurd = [
+            desc(HDR, 16, 0),
+            desc(DATA, u32::MAX, VRING_DESC_F_WRITE),
+            desc(STATUS, 1, VRING_DESC_F_WRITE),
+        ];
+        assert_eq!(run(&mem, &mut d, &absurd, false), 0);
+        // Header too short.
+        let short = [desc(HDR, 8, 0), desc(STATUS, 1, VRING_DESC_F_WRITE)];
+        assert_eq!(run(&mem, &mut d, &short, false), 1);
+        assert_eq!(status_byte(&mem), status::IOERR);
+    }
+
+    #[test]
+    fn descriptor_loop_terminates() {
+        let mem = mem();
+        let vq = MockSplitQueue::new(&mem, 16);
+        header(&mem, 0, 0);
+        // 0 -> 1 -> 0 -> ...: the chain iterator must stop on its own.
+        let looped = [
+            RawDescriptor::from(SplitDescriptor::new(HDR, 16, VRING_DESC_F_NEXT as u16, 1)),
+            RawDescriptor::from(SplitDescriptor::new(
+                DATA,
+                512,
+                (VRING_DESC_F_NEXT | VRING_DESC_F_WRITE) as u16,
+                0,
+            )),
+        ];
+        let chain = vq.build_multiple_desc_chains(&looped).unwrap();
+        let mut d = disk();
+        let info = DiskInfo {
+            readonly: false,
+            id: b"",
+        };
+        // Whatever it returns, it returns.
+        let _ = execute(&mem, chain, &mut d, &info, &mut Vec::new());
+    }
+
+    #[test]
+    fn worker_serves_the_queue_and_signals() {
+        let mem = mem();
+        let vq = MockSplitQueue::new(&mem, 16);
+        header(&mem, 0, 1);
+        let descs = [
+            desc(HDR, 16, 0),
+            desc(DATA, 512, VRING_DESC_F_WRITE),
+            desc(STATUS, 1, VRING_DESC_F_WRITE),
+        ];
+        vq.build_desc_chain(&descs).unwrap();
+        let mut queue: Queue = vq.create_queue().unwrap();
+        queue.set_ready(true);
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let interrupt = Arc::new(Interrupt::new(irq.try_clone().unwrap()));
+        let notify = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut dev = Block::new(
+            Box::new(disk()),
+            BlockConfig {
+                readonly: false,
+                id: "w".into(),
+            },
+        );
+        dev.activate(ActivateContext {
+            mem: mem.clone(),
+            interrupt: interrupt.clone(),
+            queues: vec![ActiveQueue {
+                queue,
+                notify: notify.try_clone().unwrap(),
+            }],
+            acked_features: dev.avail_features(),
+        })
+        .unwrap();
+        notify.write(1).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while vq.used().idx().load() == 0 && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(1));
+        }
+        assert_eq!(vq.used().idx().load(), 1);
+        assert_eq!(status_byte(&mem), status::OK);
+        let queues = dev.reset();
+        assert_eq!(queues.len(), 1);
+        assert_eq!(queues[0].next_used(), 1);
+        assert_eq!(dev.counters().read_bytes.load(Ordering::Relaxed), 512);
+        assert_ne!(interrupt.status() & INT_VRING, 0);
+        assert!(irq.read().unwrap() >= 1);
+    }
+
+    #[test]
+    fn state_refuses_a_different_disk() {
+        let a = Block::new(
+            Box::new(disk()),
+            BlockConfig {
+                readonly: false,
+                id: "a".into(),
+            },
+        );
+        let saved = a.save_state().unwrap();
+        let mut same = Block::new(
+            Box::new(disk()),
+            BlockConfig {
+                readonly: false,
+                id: "b".into(),
+            },
+        );
+        same.restore_state(&saved).unwrap();
+        let small = MemDisk(Arc::new(Mutex::new(vec![0; 4096])));
+        let mut other = Block::new(
+            Box::new(small),
+            BlockConfig {
+                readonly: false,
+                id: "c".into(),
+            },
+        );
+        assert!(matches!(
+            other.restore_state(&saved),
+            Err(StateError::Mismatch { .. })
+        ));
+    }
+}
