@@ -17,6 +17,7 @@ use devices::legacy::serial::{COM1_BASE, COM1_IRQ, COM1_LEN};
 
 use crate::layout::{ACPI_MAX_SIZE, ACPI_START, IOAPIC_START, LAPIC_START};
 use crate::memory::GuestMemory;
+use crate::virtio_devices::VirtioSlot;
 
 const OEM_ID: [u8; 6] = *b"COLOVM";
 const OEM_TABLE_ID: [u8; 8] = *b"COLOVMM ";
@@ -33,7 +34,25 @@ pub enum AcpiError {
     Write(#[from] vm_memory::GuestMemoryError),
 }
 
-fn dsdt() -> Sdt {
+fn virtio_device_aml(index: usize, slot: &VirtioSlot, body: &mut Vec<u8>) {
+    // LNRO0005 is the virtio-mmio _HID Linux's ACPI probe knows (QEMU microvm uses it too).
+    let mem = aml::Memory32Fixed::new(true, slot.base as u32, slot.size as u32);
+    let irq = aml::Interrupt::new(true, true, false, false, slot.irq);
+    let crs = aml::ResourceTemplate::new(vec![&mem, &irq]);
+    let uid = index;
+    aml::Device::new(
+        format!("_SB_.V{index:03X}").as_str().into(),
+        vec![
+            &aml::Name::new("_HID".into(), &"LNRO0005"),
+            &aml::Name::new("_UID".into(), &uid),
+            &aml::Name::new("_CCA".into(), &aml::ONE),
+            &aml::Name::new("_CRS".into(), &crs),
+        ],
+    )
+    .to_aml_bytes(body);
+}
+
+fn dsdt(virtio: &[VirtioSlot]) -> Sdt {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, OEM_TABLE_ID, OEM_REVISION);
     let mut body = Vec::new();
     // S5 with SLP_TYP 5: the value our sleep-control register turns into a power-off.
@@ -52,6 +71,9 @@ fn dsdt() -> Sdt {
         ],
     )
     .to_aml_bytes(&mut body);
+    for (i, slot) in virtio.iter().enumerate() {
+        virtio_device_aml(i, slot, &mut body);
+    }
     dsdt.append_slice(&body);
     dsdt
 }
@@ -105,8 +127,12 @@ fn madt(vcpus: u8) -> Sdt {
     madt
 }
 
-/// Writes the tables for `vcpus` processors; returns the RSDP's address.
-pub fn create_acpi_tables(mem: &GuestMemory, vcpus: u8) -> Result<GuestAddress, AcpiError> {
+/// Writes the tables for `vcpus` processors and the virtio devices; returns the RSDP's address.
+pub fn create_acpi_tables(
+    mem: &GuestMemory,
+    vcpus: u8,
+    virtio: &[VirtioSlot],
+) -> Result<GuestAddress, AcpiError> {
     let rsdp_addr = ACPI_START;
     let mut next = rsdp_addr.0 + Rsdp::len() as u64;
     let mut place = |bytes: &[u8]| -> Result<u64, AcpiError> {
@@ -119,7 +145,7 @@ pub fn create_acpi_tables(mem: &GuestMemory, vcpus: u8) -> Result<GuestAddress, 
         Ok(addr)
     };
 
-    let dsdt_addr = place(dsdt().as_slice())?;
+    let dsdt_addr = place(dsdt(virtio).as_slice())?;
     let fadt_addr = place(&fadt(dsdt_addr))?;
     let madt_addr = place(madt(vcpus).as_slice())?;
 
@@ -156,7 +182,12 @@ mod tests {
     #[test]
     fn tables_are_linked_and_checksummed() {
         let mem = create_guest_memory(64 << 20).unwrap();
-        let rsdp = create_acpi_tables(&mem, 3).unwrap();
+        let slot = VirtioSlot {
+            base: 0xd000_0000,
+            size: 0x1000,
+            irq: 5,
+        };
+        let rsdp = create_acpi_tables(&mem, 3, &[slot, slot]).unwrap();
         let mut sig = [0u8; 8];
         mem.read_slice(&mut sig, rsdp).unwrap();
         assert_eq!(&sig, b"RSD PTR ");
@@ -191,5 +222,7 @@ mod tests {
         let dsdt = read_table(&mem, x_dsdt);
         assert_eq!(&dsdt[..4], b"DSDT");
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
+        let virtio = dsdt.windows(8).filter(|w| w == b"LNRO0005").count();
+        assert_eq!(virtio, 2);
     }
 }

@@ -4,7 +4,10 @@ use std::path::PathBuf;
 
 use clap::Parser;
 
-use crate::config::{ConfigError, CpusConfig, MemoryConfig, PayloadConfig, SerialConfig, VmConfig};
+use crate::config::{
+    ConfigError, CpusConfig, DiskConfig, MemoryConfig, NetConfig, PayloadConfig, SerialConfig,
+    VmConfig,
+};
 
 /// colovmm: a KVM virtual machine monitor with COLO replication.
 #[derive(Parser, Debug)]
@@ -28,6 +31,12 @@ pub struct Cli {
     /// COM1: tty | off | file=PATH | socket=PATH.
     #[arg(long, default_value = "tty")]
     pub serial: String,
+    /// virtio-blk disks: path=FILE[,readonly=on][,id=NAME] (repeatable).
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
+    pub disk: Vec<String>,
+    /// virtio-net cards: tap=NAME[,mac=MAC][,ip=ADDR,mask=MASK] (repeatable).
+    #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
+    pub net: Vec<String>,
     /// Write the VMM's log here instead of stderr.
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,
@@ -49,6 +58,16 @@ impl Cli {
             memory: MemoryConfig::parse(&self.memory)?,
             cpus: CpusConfig::parse(&self.cpus)?,
             serial: SerialConfig::parse(&self.serial)?,
+            disks: self
+                .disk
+                .iter()
+                .map(|d| DiskConfig::parse(d))
+                .collect::<Result<_, _>>()?,
+            nets: self
+                .net
+                .iter()
+                .map(|n| NetConfig::parse(n))
+                .collect::<Result<_, _>>()?,
         })
     }
 }
@@ -82,6 +101,25 @@ mod tests {
         assert_eq!(c.cpus.boot, 2);
         assert_eq!(c.serial, SerialConfig::Off);
         assert_eq!(c.payload.cmdline, "a=b");
+    }
+
+    #[test]
+    fn several_disks_and_nets() {
+        let c = parse(&[
+            "--kernel",
+            "/k",
+            "--disk",
+            "path=/a",
+            "path=/b,readonly=on",
+            "--net",
+            "tap=t0",
+            "--disk",
+            "path=/c",
+        ])
+        .unwrap();
+        assert_eq!(c.disks.len(), 3);
+        assert!(c.disks[1].readonly);
+        assert_eq!(c.nets.len(), 1);
     }
 
     #[test]

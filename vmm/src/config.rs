@@ -216,6 +216,138 @@ pub struct PayloadConfig {
     pub cmdline: String,
 }
 
+/// One virtio-blk disk.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// Raw image file.
+    pub path: PathBuf,
+    /// Refuse guest writes.
+    pub readonly: bool,
+    /// Name, also the GET_ID answer (defaults to `disk<N>`).
+    pub id: Option<String>,
+}
+
+fn parse_on_off(option: &'static str, key: &'static str, v: &str) -> Result<bool> {
+    match v {
+        "on" | "true" => Ok(true),
+        "off" | "false" => Ok(false),
+        _ => Err(ConfigError::InvalidValue {
+            option,
+            key,
+            value: v.to_string(),
+            why: "expected on or off".to_string(),
+        }),
+    }
+}
+
+impl DiskConfig {
+    /// Parses `--disk path=FILE[,readonly=on][,id=NAME]`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let kv = parse_kv("disk", s, &["path", "readonly", "id"])?;
+        let path =
+            kv.get("path")
+                .filter(|p| !p.is_empty())
+                .ok_or_else(|| ConfigError::InvalidValue {
+                    option: "disk",
+                    key: "path",
+                    value: s.to_string(),
+                    why: "path=FILE is required".to_string(),
+                })?;
+        let readonly = match kv.get("readonly") {
+            Some(v) => parse_on_off("disk", "readonly", v)?,
+            None => false,
+        };
+        let id = kv.get("id").cloned();
+        if let Some(id) = &id {
+            if id.is_empty() || id.len() > 20 || !id.bytes().all(|b| b.is_ascii_graphic()) {
+                return Err(ConfigError::InvalidValue {
+                    option: "disk",
+                    key: "id",
+                    value: id.clone(),
+                    why: "1 to 20 printable characters".to_string(),
+                });
+            }
+        }
+        Ok(Self {
+            path: path.into(),
+            readonly,
+            id,
+        })
+    }
+}
+
+/// One virtio-net card on a tap.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetConfig {
+    /// Tap interface name (created if missing).
+    pub tap: String,
+    /// Guest MAC (defaults to a locally administered one derived from the tap name).
+    pub mac: Option<[u8; 6]>,
+    /// Host-side IPv4 address of the tap, with its netmask.
+    pub host_ip: Option<(std::net::Ipv4Addr, std::net::Ipv4Addr)>,
+}
+
+/// Parses `aa:bb:cc:dd:ee:ff`.
+pub fn parse_mac(s: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = s.split(':');
+    for b in &mut mac {
+        let p = parts.next()?;
+        if p.len() != 2 {
+            return None;
+        }
+        *b = u8::from_str_radix(p, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
+}
+
+impl NetConfig {
+    /// Parses `--net tap=NAME[,mac=MAC][,ip=A.B.C.D,mask=A.B.C.D]`.
+    pub fn parse(s: &str) -> Result<Self> {
+        let kv = parse_kv("net", s, &["tap", "mac", "ip", "mask"])?;
+        let invalid = |key: &'static str, value: &str, why: &str| ConfigError::InvalidValue {
+            option: "net",
+            key,
+            value: value.to_string(),
+            why: why.to_string(),
+        };
+        let tap = kv
+            .get("tap")
+            .cloned()
+            .ok_or_else(|| invalid("tap", s, "tap=NAME is required"))?;
+        if tap.is_empty() || tap.len() > 15 || tap.contains(['/', ' ', '\0']) {
+            return Err(invalid(
+                "tap",
+                &tap,
+                "an interface name of 1 to 15 characters",
+            ));
+        }
+        let mac = match kv.get("mac") {
+            Some(m) => Some(
+                parse_mac(m)
+                    .filter(|m| m[0] & 1 == 0)
+                    .ok_or_else(|| invalid("mac", m, "expected a unicast aa:bb:cc:dd:ee:ff"))?,
+            ),
+            None => None,
+        };
+        let ip = |key: &'static str| -> Result<Option<std::net::Ipv4Addr>> {
+            kv.get(key)
+                .map(|v| {
+                    v.parse()
+                        .map_err(|_| invalid(key, v, "expected an IPv4 address"))
+                })
+                .transpose()
+        };
+        let host_ip = match (ip("ip")?, ip("mask")?) {
+            (Some(a), Some(m)) => Some((a, m)),
+            (Some(a), None) => Some((a, std::net::Ipv4Addr::new(255, 255, 255, 0))),
+            (None, Some(m)) => return Err(invalid("mask", &m.to_string(), "mask needs ip")),
+            (None, None) => None,
+        };
+        Ok(Self { tap, mac, host_ip })
+    }
+}
+
 /// Everything needed to build and boot one VM.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct VmConfig {
@@ -227,6 +359,10 @@ pub struct VmConfig {
     pub cpus: CpusConfig,
     /// COM1.
     pub serial: SerialConfig,
+    /// virtio-blk disks, in guest order.
+    pub disks: Vec<DiskConfig>,
+    /// virtio-net cards, in guest order.
+    pub nets: Vec<NetConfig>,
 }
 
 #[cfg(test)]
@@ -268,6 +404,39 @@ mod tests {
         assert!(CpusConfig::parse("boot=0").is_err());
         assert!(CpusConfig::parse("boot=255").is_err());
         assert!(CpusConfig::parse("max=2").is_err());
+    }
+
+    #[test]
+    fn disk_option() {
+        let d = DiskConfig::parse("path=/a.img,readonly=on,id=root").unwrap();
+        assert_eq!(d.path, PathBuf::from("/a.img"));
+        assert!(d.readonly);
+        assert_eq!(d.id.as_deref(), Some("root"));
+        assert!(!DiskConfig::parse("path=/b").unwrap().readonly);
+        assert!(DiskConfig::parse("readonly=on").is_err());
+        assert!(DiskConfig::parse("path=/a,readonly=maybe").is_err());
+        assert!(DiskConfig::parse("path=/a,id=much-too-long-an-identifier").is_err());
+    }
+
+    #[test]
+    fn net_option() {
+        let n =
+            NetConfig::parse("tap=tap0,mac=52:54:00:12:34:56,ip=192.168.100.1,mask=255.255.255.0")
+                .unwrap();
+        assert_eq!(n.tap, "tap0");
+        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
+        assert_eq!(
+            n.host_ip.unwrap().0,
+            std::net::Ipv4Addr::new(192, 168, 100, 1)
+        );
+        assert!(NetConfig::parse("mac=52:54:00:12:34:56").is_err());
+        assert!(
+            NetConfig::parse("tap=t,mac=53:54:00:12:34:56").is_err(),
+            "multicast"
+        );
+        assert!(NetConfig::parse("tap=t,mac=52:54:00:12:34").is_err());
+        assert!(NetConfig::parse("tap=t,ip=300.1.1.1").is_err());
+        assert!(NetConfig::parse("tap=this-name-is-too-long").is_err());
     }
 
     #[test]

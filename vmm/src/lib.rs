@@ -13,6 +13,7 @@ pub mod layout;
 pub mod logger;
 pub mod memory;
 pub mod vcpu;
+pub mod virtio_devices;
 pub mod vm;
 
 pub use vm::{Vm, VmError, VmOutcome};

@@ -24,6 +24,7 @@ use crate::cpu::{configure_vcpu, vcpu_cpuid, CpuError};
 use crate::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 use crate::memory::{create_guest_memory, GuestMemory, MemoryError};
 use crate::vcpu::{install_kick_handler, stop_vcpus, Vcpu, VcpuContext};
+use crate::virtio_devices::{block_device, VirtioAttachError, VirtioDevices};
 
 /// Errors building or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -54,6 +55,9 @@ pub enum VmError {
     /// Device placement.
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
+    /// A virtio device.
+    #[error(transparent)]
+    Virtio(#[from] VirtioAttachError),
     /// Thread, eventfd or signal set-up.
     #[error("{what}: {source}")]
     Io {
@@ -94,6 +98,8 @@ pub struct Vm {
     stop: Arc<AtomicBool>,
     serial: Arc<Mutex<SerialPort>>,
     console_input: ConsoleInput,
+    // Owns the transports (and through them the device workers) for the VM's lifetime.
+    _virtio: VirtioDevices,
 }
 
 impl Vm {
@@ -108,10 +114,17 @@ impl Vm {
         let exit = Arc::new(VmExitEvent::new().map_err(io_err("exit eventfd"))?);
         let (serial, console_input) = create_serial(&fd, config)?;
         let pio = Arc::new(create_pio_bus(serial.clone(), exit.clone())?);
-        let mmio = Arc::new(Bus::new());
+        let mut mmio = Bus::new();
+        let virtio = create_virtio_devices(&fd, &mut mmio, &memory, config)?;
+        let mmio = Arc::new(mmio);
 
-        let rsdp = create_acpi_tables(&memory, config.cpus.boot)?;
-        let entry = load_payload(&memory, &config.payload, rsdp)?;
+        let rsdp = create_acpi_tables(&memory, config.cpus.boot, virtio.slots())?;
+        let mut payload = config.payload.clone();
+        for slot in virtio.slots() {
+            payload.cmdline.push(' ');
+            payload.cmdline.push_str(&slot.cmdline_word());
+        }
+        let entry = load_payload(&memory, &payload, rsdp)?;
         log::info!("boot entry: {entry:?}");
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -130,6 +143,7 @@ impl Vm {
             stop,
             serial,
             console_input,
+            _virtio: virtio,
         })
     }
 
@@ -242,6 +256,26 @@ fn create_pio_bus(serial: Arc<Mutex<SerialPort>>, exit: Arc<VmExitEvent>) -> Res
         1,
     )?;
     Ok(pio)
+}
+
+fn create_virtio_devices(
+    fd: &VmFd,
+    mmio: &mut Bus,
+    memory: &GuestMemory,
+    config: &VmConfig,
+) -> Result<VirtioDevices> {
+    let mut virtio = VirtioDevices::new();
+    for (i, disk) in config.disks.iter().enumerate() {
+        let dev = block_device(disk, i)?;
+        let slot = virtio.attach(fd, mmio, memory, Box::new(dev))?;
+        log::info!(
+            "disk {} at {:#x} irq {}",
+            disk.path.display(),
+            slot.base,
+            slot.irq
+        );
+    }
+    Ok(virtio)
 }
 
 fn create_vcpus(

@@ -1,0 +1,211 @@
+//! Places virtio devices on the MMIO bus: one 4 KiB window and one IRQ each, allocated here
+//! and only here, with queue notifications wired as ioeventfds and interrupts as irqfds.
+//! The guest finds the devices both in the DSDT (LNRO0005, for stock kernels) and as
+//! `virtio_mmio.device=` words on the command line (for the test guest and custom kernels).
+
+use std::sync::{Arc, Mutex};
+
+use devices::bus::{Bus, BusError};
+use devices::virtio::block::{Block, BlockConfig, RawFile};
+use devices::virtio::mmio::{MmioTransport, TransportError, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::VirtioDevice;
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::config::DiskConfig;
+use crate::memory::GuestMemory;
+
+/// First virtio-mmio window.
+pub const VIRTIO_MMIO_START: u64 = 0xd000_0000;
+/// First IRQ for virtio devices (0-4 are the PC's: timer, keyboard, cascade, COM2, COM1).
+const FIRST_IRQ: u32 = 5;
+/// Last IRQ the IOAPIC has (24 pins).
+const LAST_IRQ: u32 = 23;
+
+/// Errors attaching a device.
+#[derive(Debug, thiserror::Error)]
+pub enum VirtioAttachError {
+    /// All IRQs are taken.
+    #[error("too many devices: only {} virtio devices fit", LAST_IRQ - FIRST_IRQ + 1)]
+    OutOfIrqs,
+    /// A disk image could not be opened.
+    #[error("cannot open disk {path}: {source}")]
+    Disk {
+        /// The image.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A disk image whose size is not a whole number of sectors.
+    #[error("disk {path} is {size} bytes, not a multiple of 512")]
+    DiskSize {
+        /// The image.
+        path: String,
+        /// Its size.
+        size: u64,
+    },
+    /// The transport could not be created.
+    #[error("virtio transport: {0}")]
+    Transport(#[from] TransportError),
+    /// A KVM registration failed.
+    #[error("{what}: {source}")]
+    Kvm {
+        /// Which registration.
+        what: &'static str,
+        /// The errno.
+        source: kvm_ioctls::Error,
+    },
+    /// An eventfd could not be created.
+    #[error("eventfd: {0}")]
+    EventFd(std::io::Error),
+    /// The bus refused the window.
+    #[error(transparent)]
+    Bus(#[from] BusError),
+}
+
+/// Where one virtio device sits, as the guest must be told.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct VirtioSlot {
+    /// Base of its register window.
+    pub base: u64,
+    /// Window size.
+    pub size: u64,
+    /// Its IRQ (GSI).
+    pub irq: u32,
+}
+
+impl VirtioSlot {
+    /// Linux's command-line form: `virtio_mmio.device=<size>@<base>:<irq>`.
+    pub fn cmdline_word(&self) -> String {
+        format!(
+            "virtio_mmio.device={}K@{:#x}:{}",
+            self.size / 1024,
+            self.base,
+            self.irq
+        )
+    }
+}
+
+/// The virtio devices of a VM and the addresses/IRQs they got.
+pub struct VirtioDevices {
+    next: u32,
+    slots: Vec<VirtioSlot>,
+    transports: Vec<Arc<Mutex<MmioTransport>>>,
+}
+
+impl Default for VirtioDevices {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl VirtioDevices {
+    /// No devices yet.
+    pub fn new() -> Self {
+        Self {
+            next: 0,
+            slots: Vec::new(),
+            transports: Vec::new(),
+        }
+    }
+
+    /// The slots handed out, in order.
+    pub fn slots(&self) -> &[VirtioSlot] {
+        &self.slots
+    }
+
+    /// The transports, in slot order.
+    pub fn transports(&self) -> &[Arc<Mutex<MmioTransport>>] {
+        &self.transports
+    }
+
+    fn allocate(&mut self) -> Result<VirtioSlot, VirtioAttachError> {
+        let irq = FIRST_IRQ + self.next;
+        if irq > LAST_IRQ {
+            return Err(VirtioAttachError::OutOfIrqs);
+        }
+        let slot = VirtioSlot {
+            base: VIRTIO_MMIO_START + u64::from(self.next) * MMIO_WINDOW,
+            size: MMIO_WINDOW,
+            irq,
+        };
+        self.next += 1;
+        Ok(slot)
+    }
+
+    /// Puts `device` behind a transport at the next free slot.
+    pub fn attach(
+        &mut self,
+        vm: &VmFd,
+        mmio: &mut Bus,
+        mem: &GuestMemory,
+        device: Box<dyn VirtioDevice>,
+    ) -> Result<VirtioSlot, VirtioAttachError> {
+        let slot = self.allocate()?;
+        let kvm = |what| move |source| VirtioAttachError::Kvm { what, source };
+        let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioAttachError::EventFd)?;
+        vm.register_irqfd(&irq, slot.irq)
+            .map_err(kvm("KVM_IRQFD (virtio)"))?;
+        let transport = MmioTransport::new(device, mem.clone(), irq)?;
+        for (index, fd) in transport.queue_notify_fds().iter().enumerate() {
+            let addr = IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY_OFFSET);
+            vm.register_ioevent(fd, &addr, index as u32)
+                .map_err(kvm("KVM_IOEVENTFD (virtio queue notify)"))?;
+        }
+        let transport = Arc::new(Mutex::new(transport));
+        mmio.insert(transport.clone(), slot.base, slot.size)?;
+        self.slots.push(slot);
+        self.transports.push(transport);
+        Ok(slot)
+    }
+}
+
+/// Opens a disk image and builds its virtio-blk device; `index` names it by default.
+pub fn block_device(disk: &DiskConfig, index: usize) -> Result<Block, VirtioAttachError> {
+    let path = disk.path.display().to_string();
+    let backend =
+        RawFile::open(&disk.path, disk.readonly).map_err(|source| VirtioAttachError::Disk {
+            path: path.clone(),
+            source,
+        })?;
+    let size = devices::virtio::block::BlockBackend::size(&backend);
+    if size % devices::virtio::block::SECTOR_SIZE != 0 {
+        return Err(VirtioAttachError::DiskSize { path, size });
+    }
+    Ok(Block::new(
+        Box::new(backend),
+        BlockConfig {
+            readonly: disk.readonly,
+            id: disk.id.clone().unwrap_or_else(|| format!("disk{index}")),
+        },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline_words() {
+        let s = VirtioSlot {
+            base: 0xd000_1000,
+            size: 0x1000,
+            irq: 6,
+        };
+        assert_eq!(s.cmdline_word(), "virtio_mmio.device=4K@0xd0001000:6");
+    }
+
+    #[test]
+    fn slots_are_distinct_and_bounded() {
+        let mut d = VirtioDevices::new();
+        let mut seen = Vec::new();
+        while let Ok(s) = d.allocate() {
+            assert!(!seen
+                .iter()
+                .any(|o: &VirtioSlot| o.base == s.base || o.irq == s.irq));
+            assert!(s.base + s.size <= crate::layout::IOAPIC_START);
+            seen.push(s);
+        }
+        assert_eq!(seen.len(), 19);
+    }
+}
