@@ -1,6 +1,8 @@
 //! What the integration tests share: finding the binaries and images, and driving a running
 //! colovmm (or QEMU) through its serial console.
 
+pub mod netns;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, Command, ExitStatus, Stdio};

@@ -1,6 +1,6 @@
 //! A VM: built from a [`VmConfig`] one boot step at a time, then run until the guest leaves.
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use devices::acpi_power::{AcpiSleepControl, ACPI_SLEEP_PORT};
@@ -23,7 +23,7 @@ use crate::console::{open_console, start_input, ConsoleError, ConsoleInput};
 use crate::cpu::{configure_vcpu, vcpu_cpuid, CpuError};
 use crate::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 use crate::memory::{create_guest_memory, GuestMemory, MemoryError};
-use crate::vcpu::{install_kick_handler, stop_vcpus, Vcpu, VcpuContext};
+use crate::vcpu::{install_kick_handler, stop_vcpus, ExitCounters, Vcpu, VcpuContext};
 use crate::virtio_devices::{block_device, VirtioAttachError, VirtioDevices};
 
 /// Errors building or running a VM.
@@ -98,6 +98,7 @@ pub struct Vm {
     stop: Arc<AtomicBool>,
     serial: Arc<Mutex<SerialPort>>,
     console_input: ConsoleInput,
+    exits: Arc<ExitCounters>,
     // Owns the transports (and through them the device workers) for the VM's lifetime.
     _virtio: VirtioDevices,
 }
@@ -128,11 +129,13 @@ impl Vm {
         log::info!("boot entry: {entry:?}");
 
         let stop = Arc::new(AtomicBool::new(false));
+        let exits = Arc::new(ExitCounters::default());
         let ctx = VcpuContext {
             pio,
             mmio,
             exit: exit.clone(),
             stop: stop.clone(),
+            exits: exits.clone(),
         };
         let vcpus = create_vcpus(&kvm, &fd, config.cpus.boot, entry, &ctx)?;
         Ok(Self {
@@ -143,6 +146,7 @@ impl Vm {
             stop,
             serial,
             console_input,
+            exits,
             _virtio: virtio,
         })
     }
@@ -163,6 +167,11 @@ impl Vm {
         }
         let request = wait_for_exit(&self.exit);
         stop_vcpus(&self.stop, threads);
+        log::info!(
+            "vCPU exits to the VMM: pio={} mmio={}",
+            self.exits.pio.load(Ordering::Relaxed),
+            self.exits.mmio.load(Ordering::Relaxed)
+        );
         drop(self.fd);
         Ok(match request {
             ExitRequest::PowerOff => VmOutcome::PowerOff,

@@ -1,0 +1,118 @@
+//! Network namespaces as the hosts of a test: a "host" namespace where colovmm runs with its tap
+//! on a bridge, and a "client" namespace on the other end of a veth. Everything is deleted on
+//! drop, so a failing test leaves nothing behind.
+
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicU32, Ordering};
+
+/// The guest's default address (the test guest's `ip=` default).
+pub const GUEST_IP: &str = "192.168.100.2";
+/// The client's address.
+pub const CLIENT_IP: &str = "192.168.100.1";
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+fn run(args: &[&str]) -> Output {
+    Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"))
+}
+
+fn must(args: &[&str]) {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A host namespace (bridge + pre-created tap) and a client namespace joined by a veth.
+pub struct TestNet {
+    /// Namespace colovmm runs in.
+    pub host: String,
+    /// Namespace the client tools run in.
+    pub client: String,
+    /// The tap colovmm opens (already on the bridge).
+    pub tap: String,
+}
+
+impl TestNet {
+    /// Creates both namespaces and the links; the tap is made with a vnet header, as colovmm
+    /// and QEMU open it.
+    pub fn create() -> TestNet {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}-{n}", std::process::id());
+        let net = TestNet {
+            host: format!("cvm-{id}-h"),
+            client: format!("cvm-{id}-c"),
+            tap: "tap0".to_string(),
+        };
+        // Built step by step; Drop removes whatever was made if a step panics.
+        must(&["ip", "netns", "add", &net.host]);
+        must(&["ip", "netns", "add", &net.client]);
+        let h = |args: &[&str]| {
+            let mut v = vec!["ip", "netns", "exec", &net.host];
+            v.extend_from_slice(args);
+            must(&v);
+        };
+        let c = |args: &[&str]| {
+            let mut v = vec!["ip", "netns", "exec", &net.client];
+            v.extend_from_slice(args);
+            must(&v);
+        };
+        must(&[
+            "ip",
+            "link",
+            "add",
+            "vh",
+            "netns",
+            &net.host,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "vc",
+            "netns",
+            &net.client,
+        ]);
+        h(&["ip", "link", "set", "lo", "up"]);
+        h(&["ip", "link", "add", "br0", "type", "bridge"]);
+        h(&["ip", "link", "set", "vh", "master", "br0"]);
+        h(&[
+            "ip", "tuntap", "add", "dev", &net.tap, "mode", "tap", "vnet_hdr",
+        ]);
+        h(&["ip", "link", "set", &net.tap, "master", "br0"]);
+        for dev in ["br0", "vh", net.tap.as_str()] {
+            h(&["ip", "link", "set", dev, "up"]);
+        }
+        c(&["ip", "link", "set", "lo", "up"]);
+        c(&["ip", "addr", "add", &format!("{CLIENT_IP}/24"), "dev", "vc"]);
+        c(&["ip", "link", "set", "vc", "up"]);
+        net
+    }
+
+    /// A command that runs `program` inside the client namespace.
+    pub fn client_cmd(&self, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.client, program]);
+        cmd
+    }
+
+    /// Arguments that run a program inside the host namespace (prefix for colovmm/QEMU).
+    pub fn host_prefix(&self) -> Vec<String> {
+        ["ip", "netns", "exec", &self.host]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    }
+}
+
+impl Drop for TestNet {
+    fn drop(&mut self) {
+        // Deleting a namespace deletes the veth pair, bridge and tap inside it.
+        let _ = run(&["ip", "netns", "del", &self.host]);
+        let _ = run(&["ip", "netns", "del", &self.client]);
+    }
+}
