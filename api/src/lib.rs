@@ -1,1 +1,238 @@
-//! HTTP+JSON control API and the `colovmm-remote` client: built in a later issue.
+//! colovmm's control-plane wire types and API.
+//!
+//! [`config`] holds the VM configuration: the CLI builds it from option strings, and the HTTP
+//! API's `vm.create` takes the same structure as JSON. The HTTP server runs on its own thread
+//! and hands each request to the VMM's control loop as an [`ApiRequest`] through an
+//! [`ApiSender`] (a channel plus an eventfd the loop polls); each request carries its own reply
+//! channel.
+
+pub mod config;
+
+use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, Sender, SyncSender};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use vmm_sys_util::eventfd::EventFd;
+
+pub use config::VmConfig;
+
+/// One action asked of the VMM.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApiRequest {
+    /// Is the VMM alive? Answers [`VmmPingResponse`].
+    VmmPing,
+    /// Stop the VM (if any) and exit the VMM.
+    VmmShutdown,
+    /// Define the VM (no VM may exist yet).
+    VmCreate(Box<VmConfig>),
+    /// Boot the created VM.
+    VmBoot,
+    /// Configuration, state, memory and devices: [`VmInfo`].
+    VmInfo,
+    /// Stop the vCPUs; devices keep their state.
+    VmPause,
+    /// Restart paused vCPUs.
+    VmResume,
+    /// Stop the VM; the VMM stays up (a new `vm.create` may follow).
+    VmShutdown,
+    /// Shut down and boot again with the same configuration.
+    VmReboot,
+    /// Per-device I/O counters: a JSON object of objects of numbers.
+    VmCounters,
+}
+
+/// An error reply: HTTP status, a message, and the chain of causes.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiError {
+    /// HTTP status code (400 bad request, 404, 409 wrong state, 500, 503...).
+    #[serde(skip)]
+    pub status: u16,
+    /// What went wrong.
+    pub error: String,
+    /// Underlying causes, outermost first.
+    pub causes: Vec<String>,
+}
+
+impl ApiError {
+    /// An error with `status` and `error`, no causes.
+    pub fn new(status: u16, error: impl Into<String>) -> Self {
+        Self {
+            status,
+            error: error.into(),
+            causes: Vec::new(),
+        }
+    }
+
+    /// Builds one from a std error, walking its `source()` chain into `causes`.
+    pub fn from_error(status: u16, e: &dyn std::error::Error) -> Self {
+        let mut causes = Vec::new();
+        let mut src = e.source();
+        while let Some(s) = src {
+            causes.push(s.to_string());
+            src = s.source();
+        }
+        Self {
+            status,
+            error: e.to_string(),
+            causes,
+        }
+    }
+}
+
+/// The control loop's answer: a JSON body (`Null` means 204 No Content) or an error.
+pub type ApiResponse = Result<serde_json::Value, ApiError>;
+
+/// `vmm.ping` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmmPingResponse {
+    /// colovmm's version.
+    pub version: String,
+    /// The VMM's process id.
+    pub pid: u32,
+}
+
+/// Lifecycle of the (single) VM a colovmm process runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum VmState {
+    /// `vm.create` done, not booted.
+    Created,
+    /// vCPUs running.
+    Running,
+    /// vCPUs stopped by `vm.pause`.
+    Paused,
+    /// The guest powered off, or `vm.shutdown`.
+    Shutdown,
+}
+
+/// One device as `vm.info` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeviceInfo {
+    /// Name (disk id, tap name, "com1"...).
+    pub id: String,
+    /// Kind ("virtio-blk", "virtio-net", "serial"...).
+    pub kind: String,
+    /// MMIO or port base address.
+    pub base: u64,
+    /// IRQ, if any.
+    pub irq: Option<u32>,
+}
+
+/// `vm.info` body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VmInfo {
+    /// The configuration the VM was created with.
+    pub config: VmConfig,
+    /// Where it is in its life.
+    pub state: VmState,
+    /// Bytes of guest RAM.
+    pub memory_actual_size: u64,
+    /// Its devices.
+    pub devices: Vec<DeviceInfo>,
+}
+
+/// How long the API thread waits for the control loop before answering 503.
+pub const CONTROL_LOOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// A request in flight: what is asked, and where the answer goes.
+pub type ApiMessage = (ApiRequest, SyncSender<ApiResponse>);
+
+/// The API thread's end of the channel to the control loop.
+pub struct ApiSender {
+    tx: Sender<ApiMessage>,
+    evt: EventFd,
+}
+
+impl ApiSender {
+    /// Sends `req` and waits for the answer (503 if the loop is gone or too slow).
+    pub fn call(&self, req: ApiRequest) -> ApiResponse {
+        let (reply_tx, reply_rx) = sync_channel(1);
+        let gone = || ApiError::new(503, "the VMM control loop is not answering");
+        self.tx.send((req, reply_tx)).map_err(|_| gone())?;
+        self.evt.write(1).map_err(|_| gone())?;
+        match reply_rx.recv_timeout(CONTROL_LOOP_TIMEOUT) {
+            Ok(r) => r,
+            Err(RecvTimeoutError::Timeout) | Err(RecvTimeoutError::Disconnected) => Err(gone()),
+        }
+    }
+}
+
+/// The control loop's end: poll [`ApiReceiver::eventfd`], then drain with [`ApiReceiver::try_recv`].
+pub struct ApiReceiver {
+    rx: Receiver<ApiMessage>,
+    evt: EventFd,
+}
+
+impl ApiReceiver {
+    /// Readable when requests are waiting.
+    pub fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+
+    /// The next waiting request, if any (clears the eventfd when none are left).
+    pub fn try_recv(&self) -> Option<ApiMessage> {
+        match self.rx.try_recv() {
+            Ok(m) => Some(m),
+            Err(_) => {
+                let _ = self.evt.read();
+                None
+            }
+        }
+    }
+}
+
+/// A connected pair.
+pub fn api_channel() -> std::io::Result<(ApiSender, ApiReceiver)> {
+    let (tx, rx) = channel();
+    let evt = EventFd::new(libc::EFD_NONBLOCK)?;
+    Ok((
+        ApiSender {
+            tx,
+            evt: evt.try_clone()?,
+        },
+        ApiReceiver { rx, evt },
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_reply_round_trip() {
+        let (tx, rx) = api_channel().unwrap();
+        let loop_thread = std::thread::spawn(move || loop {
+            if let Some((req, reply)) = rx.try_recv() {
+                let body = match req {
+                    ApiRequest::VmmPing => Ok(serde_json::json!({"ok": true})),
+                    _ => Err(ApiError::new(409, "no")),
+                };
+                reply.send(body).unwrap();
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        });
+        assert_eq!(tx.call(ApiRequest::VmmPing).unwrap()["ok"], true);
+        loop_thread.join().unwrap();
+        assert_eq!(tx.call(ApiRequest::VmmPing).unwrap_err().status, 503);
+    }
+
+    #[test]
+    fn errors_carry_their_causes() {
+        let inner = std::io::Error::other("disk gone");
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl std::fmt::Display for Outer {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                write!(f, "boot failed")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let e = ApiError::from_error(500, &Outer(inner));
+        assert_eq!(e.error, "boot failed");
+        assert_eq!(e.causes, vec!["disk gone".to_string()]);
+    }
+}

@@ -6,7 +6,7 @@
 pub mod acpi;
 pub mod boot;
 pub mod cli;
-pub mod config;
+pub use api::config;
 pub mod console;
 pub mod cpu;
 pub mod layout;

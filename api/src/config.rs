@@ -3,7 +3,10 @@
 //! Option strings follow Cloud Hypervisor's `key=value,key=value` syntax.
 
 use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
 
 /// A configuration problem, worded for the user who typed it.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -88,7 +91,8 @@ pub fn parse_size(s: &str) -> Option<u64> {
 }
 
 /// Guest RAM.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct MemoryConfig {
     /// Bytes of RAM.
     pub size: u64,
@@ -113,16 +117,28 @@ impl MemoryConfig {
             why: why.to_string(),
         };
         let size = parse_size(raw).ok_or_else(|| invalid("expected a size such as 512M or 2G"))?;
-        if size < MIN_MEMORY {
-            return Err(invalid("at least 16M is needed"));
-        }
-        if size > MAX_MEMORY {
-            return Err(invalid("at most 1T is supported"));
-        }
-        if size % 4096 != 0 {
-            return Err(invalid("must be a multiple of 4K"));
-        }
-        Ok(Self { size })
+        let config = Self { size };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the size is one we can give a guest.
+    pub fn validate(&self) -> Result<()> {
+        let why = if self.size < MIN_MEMORY {
+            "at least 16M is needed"
+        } else if self.size > MAX_MEMORY {
+            "at most 1T is supported"
+        } else if self.size % 4096 != 0 {
+            "must be a multiple of 4K"
+        } else {
+            return Ok(());
+        };
+        Err(ConfigError::InvalidValue {
+            option: "memory",
+            key: "size",
+            value: self.size.to_string(),
+            why: why.to_string(),
+        })
     }
 }
 
@@ -133,7 +149,8 @@ impl Default for MemoryConfig {
 }
 
 /// Virtual CPUs.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct CpusConfig {
     /// vCPUs started at boot.
     pub boot: u8,
@@ -149,17 +166,28 @@ impl CpusConfig {
         let Some(raw) = kv.get("boot") else {
             return Ok(Self::default());
         };
-        let boot = raw
-            .parse::<u8>()
-            .ok()
-            .filter(|n| (1..=MAX_VCPUS).contains(n))
-            .ok_or_else(|| ConfigError::InvalidValue {
-                option: "cpus",
-                key: "boot",
-                value: raw.clone(),
-                why: format!("expected 1 to {MAX_VCPUS}"),
-            })?;
-        Ok(Self { boot })
+        let boot = raw.parse::<u8>().unwrap_or(0);
+        let config = Self { boot };
+        config.validate().map_err(|_| ConfigError::InvalidValue {
+            option: "cpus",
+            key: "boot",
+            value: raw.clone(),
+            why: format!("expected 1 to {MAX_VCPUS}"),
+        })?;
+        Ok(config)
+    }
+
+    /// Checks the vCPU count.
+    pub fn validate(&self) -> Result<()> {
+        if (1..=MAX_VCPUS).contains(&self.boot) {
+            return Ok(());
+        }
+        Err(ConfigError::InvalidValue {
+            option: "cpus",
+            key: "boot",
+            value: self.boot.to_string(),
+            why: format!("expected 1 to {MAX_VCPUS}"),
+        })
     }
 }
 
@@ -170,7 +198,8 @@ impl Default for CpusConfig {
 }
 
 /// Where COM1 is connected.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", content = "path", rename_all = "lowercase")]
 pub enum SerialConfig {
     /// colovmm's stdin/stdout.
     #[default]
@@ -206,24 +235,30 @@ impl SerialConfig {
 }
 
 /// What to boot.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct PayloadConfig {
     /// An ELF vmlinux with a PVH note, or a bzImage.
     pub kernel: PathBuf,
     /// An optional initramfs.
+    #[serde(default)]
     pub initramfs: Option<PathBuf>,
     /// The kernel command line.
+    #[serde(default)]
     pub cmdline: String,
 }
 
 /// One virtio-blk disk.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DiskConfig {
     /// Raw image file.
     pub path: PathBuf,
     /// Refuse guest writes.
+    #[serde(default)]
     pub readonly: bool,
     /// Name, also the GET_ID answer (defaults to `disk<N>`).
+    #[serde(default)]
     pub id: Option<String>,
 }
 
@@ -257,8 +292,26 @@ impl DiskConfig {
             Some(v) => parse_on_off("disk", "readonly", v)?,
             None => false,
         };
-        let id = kv.get("id").cloned();
-        if let Some(id) = &id {
+        let config = Self {
+            path: path.into(),
+            readonly,
+            id: kv.get("id").cloned(),
+        };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the path and the id.
+    pub fn validate(&self) -> Result<()> {
+        if self.path.as_os_str().is_empty() {
+            return Err(ConfigError::InvalidValue {
+                option: "disk",
+                key: "path",
+                value: String::new(),
+                why: "path=FILE is required".to_string(),
+            });
+        }
+        if let Some(id) = &self.id {
             if id.is_empty() || id.len() > 20 || !id.bytes().all(|b| b.is_ascii_graphic()) {
                 return Err(ConfigError::InvalidValue {
                     option: "disk",
@@ -268,23 +321,55 @@ impl DiskConfig {
                 });
             }
         }
-        Ok(Self {
-            path: path.into(),
-            readonly,
-            id,
-        })
+        Ok(())
     }
 }
 
 /// One virtio-net card on a tap.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct NetConfig {
     /// Tap interface name (created if missing).
     pub tap: String,
     /// Guest MAC (defaults to a locally administered one derived from the tap name).
-    pub mac: Option<[u8; 6]>,
-    /// Host-side IPv4 address of the tap, with its netmask.
-    pub host_ip: Option<(std::net::Ipv4Addr, std::net::Ipv4Addr)>,
+    #[serde(default)]
+    pub mac: Option<MacAddr>,
+    /// Host-side IPv4 address of the tap.
+    #[serde(default)]
+    pub ip: Option<Ipv4Addr>,
+    /// Netmask of `ip`.
+    #[serde(default)]
+    pub mask: Option<Ipv4Addr>,
+}
+
+/// A MAC address; `aa:bb:cc:dd:ee:ff` in JSON and on the command line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MacAddr(pub [u8; 6]);
+
+impl std::fmt::Display for MacAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let m = self.0;
+        write!(
+            f,
+            "{:02x}:{:02x}:{:02x}:{:02x}:{:02x}:{:02x}",
+            m[0], m[1], m[2], m[3], m[4], m[5]
+        )
+    }
+}
+
+impl Serialize for MacAddr {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for MacAddr {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        parse_mac(&s)
+            .map(MacAddr)
+            .ok_or_else(|| serde::de::Error::custom(format!("invalid MAC address '{s}'")))
+    }
 }
 
 /// Parses `aa:bb:cc:dd:ee:ff`.
@@ -326,6 +411,7 @@ impl NetConfig {
             Some(m) => Some(
                 parse_mac(m)
                     .filter(|m| m[0] & 1 == 0)
+                    .map(MacAddr)
                     .ok_or_else(|| invalid("mac", m, "expected a unicast aa:bb:cc:dd:ee:ff"))?,
             ),
             None => None,
@@ -338,30 +424,75 @@ impl NetConfig {
                 })
                 .transpose()
         };
-        let host_ip = match (ip("ip")?, ip("mask")?) {
-            (Some(a), Some(m)) => Some((a, m)),
-            (Some(a), None) => Some((a, std::net::Ipv4Addr::new(255, 255, 255, 0))),
+        let (ip, mask) = match (ip("ip")?, ip("mask")?) {
+            (Some(a), m) => (Some(a), Some(m.unwrap_or(Ipv4Addr::new(255, 255, 255, 0)))),
             (None, Some(m)) => return Err(invalid("mask", &m.to_string(), "mask needs ip")),
-            (None, None) => None,
+            (None, None) => (None, None),
         };
-        Ok(Self { tap, mac, host_ip })
+        let config = Self { tap, mac, ip, mask };
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks the tap name and that the MAC is unicast.
+    pub fn validate(&self) -> Result<()> {
+        let invalid = |key: &'static str, value: String, why: &str| ConfigError::InvalidValue {
+            option: "net",
+            key,
+            value,
+            why: why.to_string(),
+        };
+        let tap = &self.tap;
+        if tap.is_empty() || tap.len() > 15 || tap.contains(['/', ' ', '\0']) {
+            return Err(invalid(
+                "tap",
+                tap.clone(),
+                "an interface name of 1 to 15 characters",
+            ));
+        }
+        if let Some(mac) = self.mac.filter(|m| m.0[0] & 1 != 0) {
+            return Err(invalid("mac", mac.to_string(), "must be a unicast address"));
+        }
+        if self.mask.is_some() && self.ip.is_none() {
+            return Err(invalid("mask", format!("{:?}", self.mask), "mask needs ip"));
+        }
+        Ok(())
+    }
+}
+
+impl VmConfig {
+    /// Checks every part (the CLI parsers already do; JSON from the API needs it).
+    pub fn validate(&self) -> Result<()> {
+        if self.payload.kernel.as_os_str().is_empty() {
+            return Err(ConfigError::MissingKernel);
+        }
+        self.memory.validate()?;
+        self.cpus.validate()?;
+        self.disks.iter().try_for_each(DiskConfig::validate)?;
+        self.nets.iter().try_for_each(NetConfig::validate)
     }
 }
 
 /// Everything needed to build and boot one VM.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct VmConfig {
     /// Kernel, initramfs, command line.
     pub payload: PayloadConfig,
     /// RAM.
+    #[serde(default)]
     pub memory: MemoryConfig,
     /// vCPUs.
+    #[serde(default)]
     pub cpus: CpusConfig,
     /// COM1.
+    #[serde(default)]
     pub serial: SerialConfig,
     /// virtio-blk disks, in guest order.
+    #[serde(default)]
     pub disks: Vec<DiskConfig>,
     /// virtio-net cards, in guest order.
+    #[serde(default)]
     pub nets: Vec<NetConfig>,
 }
 
@@ -424,11 +555,8 @@ mod tests {
             NetConfig::parse("tap=tap0,mac=52:54:00:12:34:56,ip=192.168.100.1,mask=255.255.255.0")
                 .unwrap();
         assert_eq!(n.tap, "tap0");
-        assert_eq!(n.mac, Some([0x52, 0x54, 0, 0x12, 0x34, 0x56]));
-        assert_eq!(
-            n.host_ip.unwrap().0,
-            std::net::Ipv4Addr::new(192, 168, 100, 1)
-        );
+        assert_eq!(n.mac, Some(MacAddr([0x52, 0x54, 0, 0x12, 0x34, 0x56])));
+        assert_eq!(n.ip, Some(Ipv4Addr::new(192, 168, 100, 1)));
         assert!(NetConfig::parse("mac=52:54:00:12:34:56").is_err());
         assert!(
             NetConfig::parse("tap=t,mac=53:54:00:12:34:56").is_err(),
@@ -437,6 +565,38 @@ mod tests {
         assert!(NetConfig::parse("tap=t,mac=52:54:00:12:34").is_err());
         assert!(NetConfig::parse("tap=t,ip=300.1.1.1").is_err());
         assert!(NetConfig::parse("tap=this-name-is-too-long").is_err());
+    }
+
+    #[test]
+    fn json_round_trip_and_unknown_fields() {
+        let c = VmConfig {
+            payload: PayloadConfig {
+                kernel: "/k".into(),
+                initramfs: None,
+                cmdline: "a=b".into(),
+            },
+            memory: MemoryConfig { size: 1 << 30 },
+            cpus: CpusConfig { boot: 2 },
+            serial: SerialConfig::File("/tmp/s".into()),
+            disks: vec![DiskConfig::parse("path=/d,readonly=on").unwrap()],
+            nets: vec![NetConfig::parse("tap=t0,mac=52:54:00:00:00:01,ip=10.0.0.1").unwrap()],
+        };
+        let json = serde_json::to_string(&c).unwrap();
+        assert!(json.contains("\"52:54:00:00:00:01\""), "{json}");
+        assert_eq!(serde_json::from_str::<VmConfig>(&json).unwrap(), c);
+        let minimal: VmConfig = serde_json::from_str(r#"{"payload":{"kernel":"/k"}}"#).unwrap();
+        assert_eq!(minimal.cpus.boot, 1);
+        assert!(
+            serde_json::from_str::<VmConfig>(r#"{"payload":{"kernel":"/k"},"bogus":1}"#).is_err()
+        );
+        let zero_mem: VmConfig =
+            serde_json::from_str(r#"{"payload":{"kernel":"/k"},"memory":{"size":0}}"#).unwrap();
+        assert!(zero_mem.validate().is_err());
+        assert!(minimal.validate().is_ok());
+        assert!(serde_json::from_str::<VmConfig>(
+            r#"{"payload":{"kernel":"/k"},"nets":[{"tap":"t","mac":"zz"}]}"#
+        )
+        .is_err());
     }
 
     #[test]
