@@ -128,7 +128,7 @@ impl MemoryConfig {
             "at least 16M is needed"
         } else if self.size > MAX_MEMORY {
             "at most 1T is supported"
-        } else if self.size % 4096 != 0 {
+        } else if !self.size.is_multiple_of(4096) {
             "must be a multiple of 4K"
         } else {
             return Ok(());
