@@ -37,6 +37,9 @@ pub struct Cli {
     /// virtio-net cards: tap=NAME[,mac=MAC][,ip=ADDR,mask=MASK] (repeatable).
     #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
     pub net: Vec<String>,
+    /// HTTP API on a Unix socket: path=FILE. With only this, the VMM waits for vm.create.
+    #[arg(long, value_name = "path=FILE")]
+    pub api_socket: Option<String>,
     /// Write the VMM's log here instead of stderr.
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,
@@ -46,10 +49,32 @@ pub struct Cli {
 }
 
 impl Cli {
-    /// Validates the options into a VM configuration.
-    pub fn vm_config(&self) -> Result<VmConfig, ConfigError> {
-        let kernel = self.kernel.clone().ok_or(ConfigError::MissingKernel)?;
-        Ok(VmConfig {
+    /// The API socket's path, from `path=FILE`.
+    pub fn api_socket_path(&self) -> Result<Option<PathBuf>, ConfigError> {
+        let Some(raw) = &self.api_socket else {
+            return Ok(None);
+        };
+        match raw.strip_prefix("path=") {
+            Some(p) if !p.is_empty() && !p.contains(',') => Ok(Some(p.into())),
+            _ => Err(ConfigError::InvalidValue {
+                option: "api-socket",
+                key: "path",
+                value: raw.clone(),
+                why: "expected path=FILE".to_string(),
+            }),
+        }
+    }
+
+    /// Validates the options into a VM configuration; `None` when no kernel is given but an
+    /// API socket is (the VM will come from `vm.create`).
+    pub fn vm_config(&self) -> Result<Option<VmConfig>, ConfigError> {
+        let Some(kernel) = self.kernel.clone() else {
+            return match self.api_socket {
+                Some(_) => Ok(None),
+                None => Err(ConfigError::MissingKernel),
+            };
+        };
+        Ok(Some(VmConfig {
             payload: PayloadConfig {
                 kernel,
                 initramfs: self.initramfs.clone(),
@@ -68,7 +93,7 @@ impl Cli {
                 .iter()
                 .map(|n| NetConfig::parse(n))
                 .collect::<Result<_, _>>()?,
-        })
+        }))
     }
 }
 
@@ -80,6 +105,16 @@ mod tests {
         Cli::try_parse_from(std::iter::once("colovmm").chain(args.iter().copied()))
             .unwrap()
             .vm_config()
+            .map(|c| c.expect("a kernel was given"))
+    }
+
+    #[test]
+    fn api_socket_alone_defers_the_vm() {
+        let cli = Cli::try_parse_from(["colovmm", "--api-socket", "path=/tmp/a.sock"]).unwrap();
+        assert_eq!(cli.vm_config(), Ok(None));
+        assert_eq!(cli.api_socket_path().unwrap(), Some("/tmp/a.sock".into()));
+        let bad = Cli::try_parse_from(["colovmm", "--api-socket", "/tmp/a.sock"]).unwrap();
+        assert!(bad.api_socket_path().is_err());
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Connects COM1 to the user: output sink, and an input pump from stdin or a Unix socket.
+//! Connects COM1 to the user: an output sink and an input pump (stdin or a Unix socket) that
+//! live as long as the VMM, so a VM rebooted through the API keeps the same console.
 
 use std::fs::File;
 use std::io::{self, Read};
@@ -31,46 +32,92 @@ pub enum ConsoleError {
         /// Why.
         source: io::Error,
     },
+    /// The input thread could not start, or an output handle could not be duplicated.
+    #[error("console: {0}")]
+    Io(#[from] io::Error),
 }
 
-/// How console input will reach the guest once the VM runs.
-pub enum ConsoleInput {
-    /// No input.
-    None,
-    /// colovmm's stdin.
-    Stdin,
-    /// Clients of this listener (one at a time); `client` is shared with the output side.
-    Socket {
-        /// The bound socket.
-        listener: UnixListener,
-        /// The connected client, if any.
-        client: Arc<Mutex<Option<UnixStream>>>,
-    },
+/// The UART that currently receives console input (none between VMs).
+type InputTarget = Arc<Mutex<Option<Arc<Mutex<SerialPort>>>>>;
+
+/// The user's side of COM1.
+pub struct Console {
+    output: SerialOutput,
+    target: InputTarget,
+    _raw: Option<RawTerminal>,
 }
 
-/// Builds the output sink and the pending input side for `config`.
-pub fn open_console(config: &SerialConfig) -> Result<(SerialOutput, ConsoleInput), ConsoleError> {
-    match config {
-        SerialConfig::Tty => Ok((SerialOutput::Stdout(io::stdout()), ConsoleInput::Stdin)),
-        SerialConfig::Off => Ok((SerialOutput::Sink, ConsoleInput::None)),
-        SerialConfig::File(path) => {
-            let f = File::create(path).map_err(|source| ConsoleError::File {
-                path: path.display().to_string(),
-                source,
-            })?;
-            Ok((SerialOutput::File(f), ConsoleInput::None))
+impl Console {
+    /// Opens the sink and starts the input thread for `config`.
+    pub fn open(config: &SerialConfig) -> Result<Self, ConsoleError> {
+        let target: InputTarget = Arc::new(Mutex::new(None));
+        let builder = std::thread::Builder::new().name("console".into());
+        let (output, raw) = match config {
+            SerialConfig::Tty => {
+                let raw = RawTerminal::enter();
+                let t = target.clone();
+                builder.spawn(move || pump(io::stdin().lock(), &t))?;
+                (SerialOutput::Stdout(io::stdout()), Some(raw))
+            }
+            SerialConfig::Off => (SerialOutput::Sink, None),
+            SerialConfig::File(path) => {
+                let f = File::create(path).map_err(|source| ConsoleError::File {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                (SerialOutput::File(f), None)
+            }
+            SerialConfig::Socket(path) => {
+                let listener = bind_socket(path).map_err(|source| ConsoleError::Socket {
+                    path: path.display().to_string(),
+                    source,
+                })?;
+                let client = Arc::new(Mutex::new(None));
+                let (c, t) = (client.clone(), target.clone());
+                builder.spawn(move || serve_socket(listener, c, t))?;
+                (SerialOutput::Socket(client), None)
+            }
+        };
+        Ok(Self {
+            output,
+            target,
+            _raw: raw,
+        })
+    }
+
+    /// A handle on the output sink for a new UART.
+    pub fn output(&self) -> Result<SerialOutput, ConsoleError> {
+        Ok(self.output.try_clone()?)
+    }
+
+    /// Sends console input to `serial` from now on.
+    pub fn attach(&self, serial: Arc<Mutex<SerialPort>>) {
+        if let Ok(mut t) = self.target.lock() {
+            *t = Some(serial);
         }
-        SerialConfig::Socket(path) => {
-            let listener = bind_socket(path).map_err(|source| ConsoleError::Socket {
-                path: path.display().to_string(),
-                source,
-            })?;
-            let client = Arc::new(Mutex::new(None));
-            Ok((
-                SerialOutput::Socket(client.clone()),
-                ConsoleInput::Socket { listener, client },
-            ))
+    }
+
+    /// Stops sending input anywhere (the VM is gone).
+    pub fn detach(&self) {
+        if let Ok(mut t) = self.target.lock() {
+            *t = None;
         }
+    }
+}
+
+fn serve_socket(
+    listener: UnixListener,
+    client: Arc<Mutex<Option<UnixStream>>>,
+    target: InputTarget,
+) {
+    for stream in listener.incoming().flatten() {
+        let Ok(reader) = stream.try_clone() else {
+            continue;
+        };
+        if let Ok(mut c) = client.lock() {
+            *c = Some(stream);
+        }
+        pump(reader, &target);
     }
 }
 
@@ -85,9 +132,15 @@ fn bind_socket(path: &Path) -> io::Result<UnixListener> {
     UnixListener::bind(path)
 }
 
-/// Feeds bytes into the UART, waiting while its receive FIFO is full.
-fn feed(serial: &Mutex<SerialPort>, mut bytes: &[u8]) {
+/// Feeds bytes into the current UART, waiting while its receive FIFO is full.
+fn feed(target: &InputTarget, mut bytes: &[u8]) {
     while !bytes.is_empty() {
+        let serial = match target.lock() {
+            Ok(t) => t.clone(),
+            Err(_) => return,
+        };
+        // No VM to type into: the input is dropped, as on a disconnected serial line.
+        let Some(serial) = serial else { return };
         let taken = match serial.lock() {
             Ok(mut s) => s.enqueue_input(bytes),
             Err(_) => return,
@@ -100,45 +153,16 @@ fn feed(serial: &Mutex<SerialPort>, mut bytes: &[u8]) {
     }
 }
 
-fn pump(mut src: impl Read, serial: &Mutex<SerialPort>) {
+fn pump(mut src: impl Read, target: &InputTarget) {
     let mut buf = [0u8; 256];
     loop {
         match src.read(&mut buf) {
             Ok(0) => return,
-            Ok(n) => feed(serial, &buf[..n]),
+            Ok(n) => feed(target, &buf[..n]),
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(_) => return,
         }
     }
-}
-
-/// Starts the input thread (if any). It ends at EOF; the VM does not depend on it.
-pub fn start_input(input: ConsoleInput, serial: Arc<Mutex<SerialPort>>) -> io::Result<()> {
-    let builder = std::thread::Builder::new().name("console".into());
-    match input {
-        ConsoleInput::None => {}
-        ConsoleInput::Stdin => {
-            let raw = RawTerminal::enter();
-            builder.spawn(move || {
-                let _raw = raw;
-                pump(io::stdin().lock(), &serial);
-            })?;
-        }
-        ConsoleInput::Socket { listener, client } => {
-            builder.spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    let Ok(reader) = stream.try_clone() else {
-                        continue;
-                    };
-                    if let Ok(mut c) = client.lock() {
-                        *c = Some(stream);
-                    }
-                    pump(reader, &serial);
-                }
-            })?;
-        }
-    }
-    Ok(())
 }
 
 /// Puts an interactive stdin in raw mode (keeping Ctrl-C) and restores it on drop or exit.

@@ -4,8 +4,10 @@
 //! kernel, command line, initramfs → vCPUs → run.
 
 pub mod acpi;
+pub mod api_server;
 pub mod boot;
 pub mod cli;
+pub mod control;
 pub use api::config;
 pub mod console;
 pub mod cpu;
@@ -16,4 +18,5 @@ pub mod vcpu;
 pub mod virtio_devices;
 pub mod vm;
 
+pub use control::{Vmm, VmmExit};
 pub use vm::{Vm, VmError, VmOutcome};

@@ -1,13 +1,13 @@
 //! `colovmm`: parse the command line, build the VM, run it, exit with what happened.
 //!
-//! Exit codes: 0 the guest powered off or reset; 1 bad input or a VMM failure; 2 the guest
-//! crashed (triple fault, emulation failure).
+//! Exit codes: 0 the guest powered off or reset, or `vmm.shutdown`; 1 bad input or a VMM
+//! failure; 2 the guest crashed (triple fault, emulation failure).
 
 use std::process::ExitCode;
 
 use clap::Parser;
 use vmm::cli::Cli;
-use vmm::{Vm, VmOutcome};
+use vmm::{VmOutcome, Vmm, VmmExit};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -16,35 +16,52 @@ fn main() -> ExitCode {
     code
 }
 
+fn fail(msg: impl std::fmt::Display) -> ExitCode {
+    eprintln!("colovmm: {msg}");
+    ExitCode::from(1)
+}
+
 fn run(cli: &Cli) -> ExitCode {
     if let Err(e) = vmm::logger::init(cli.v, cli.log_file.as_deref()) {
-        eprintln!("colovmm: cannot open log file: {e}");
-        return ExitCode::from(1);
+        return fail(format_args!("cannot open log file: {e}"));
     }
-    let config = match cli.vm_config() {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("colovmm: {e}");
-            return ExitCode::from(1);
-        }
+    let (config, api_path) = match (cli.vm_config(), cli.api_socket_path()) {
+        (Ok(c), Ok(p)) => (c, p),
+        (Err(e), _) | (_, Err(e)) => return fail(e),
     };
-    let outcome = Vm::new(&config).and_then(Vm::run);
-    match outcome {
-        Ok(VmOutcome::PowerOff) => {
+    let mut vmm = match api_path {
+        Some(path) => match vmm::api_server::start(&path) {
+            Ok((receiver, server)) => {
+                // The server thread lives until the process exits.
+                std::mem::forget(server);
+                Vmm::new(Some(receiver))
+            }
+            Err(e) => return fail(e),
+        },
+        None => Vmm::new(None),
+    };
+    if let Some(config) = config {
+        if let Err(e) = vmm.create_vm(&config).and_then(|()| vmm.boot_vm()) {
+            let causes: String = e.causes.iter().map(|c| format!(": {c}")).collect();
+            return fail(format_args!("{}{causes}", e.error));
+        }
+    }
+    match vmm.run() {
+        VmmExit::Guest(VmOutcome::PowerOff) => {
             log::info!("guest powered off");
             ExitCode::SUCCESS
         }
-        Ok(VmOutcome::Reset) => {
+        VmmExit::Guest(VmOutcome::Reset) => {
             log::info!("guest reset");
             ExitCode::SUCCESS
         }
-        Ok(VmOutcome::Crash(msg)) => {
+        VmmExit::Guest(VmOutcome::Crash(msg)) => {
             eprintln!("colovmm: guest crashed: {msg}");
             ExitCode::from(2)
         }
-        Err(e) => {
-            eprintln!("colovmm: {e}");
-            ExitCode::from(1)
+        VmmExit::Shutdown => {
+            log::info!("VMM shut down through the API");
+            ExitCode::SUCCESS
         }
     }
 }

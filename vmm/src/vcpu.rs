@@ -1,8 +1,8 @@
 //! A vCPU thread: KVM_RUN in a loop, routing port and MMIO exits to the buses and turning the
 //! exits that end a VM into exit requests.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -44,8 +44,8 @@ pub struct VcpuContext {
     pub mmio: Arc<Bus>,
     /// Where guest-initiated exits are reported.
     pub exit: Arc<VmExitEvent>,
-    /// Set when the VM is stopping; the thread leaves its loop at the next exit.
-    pub stop: Arc<AtomicBool>,
+    /// Whether vCPUs run, park or leave.
+    pub control: Arc<VcpuControl>,
     /// Exit counts for all vCPUs.
     pub exits: Arc<ExitCounters>,
 }
@@ -71,9 +71,19 @@ impl Vcpu {
     }
 
     fn run(mut self) {
-        while !self.ctx.stop.load(Ordering::Acquire) {
+        loop {
+            match self.ctx.control.state() {
+                RunState::Running => {}
+                RunState::Paused => {
+                    self.ctx.control.park();
+                    continue;
+                }
+                RunState::Stopping => return,
+            }
             if let Some(req) = self.run_once() {
                 self.ctx.exit.request(req);
+                // Stay parked until the VMM decides what happens next (it will stop us).
+                self.ctx.control.park_until_stopped();
                 return;
             }
         }
@@ -149,23 +159,170 @@ impl Vcpu {
     }
 }
 
-/// Stops vCPU threads: sets `stop`, then kicks each thread until it has left KVM_RUN.
+/// What vCPU threads should be doing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RunState {
+    /// Running guest code.
+    Running,
+    /// Parked outside KVM_RUN (vm.pause).
+    Paused,
+    /// Leaving their loop for good.
+    Stopping,
+}
+
+/// Run, park and stop for a VM's vCPU threads.
 ///
-/// A kick can land just before a thread enters KVM_RUN and be lost, so it is repeated.
-pub fn stop_vcpus(stop: &AtomicBool, threads: Vec<JoinHandle<()>>) {
-    stop.store(true, Ordering::Release);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    for t in threads {
-        while !t.is_finished() && Instant::now() < deadline {
-            if let Err(e) = t.kill(kick_signal()) {
-                log::debug!("kick failed: {e}");
+/// The state is read on every exit (one atomic load); parking uses a condvar. A kick is a
+/// signal that makes KVM_RUN return EINTR; one can land just before a thread enters KVM_RUN
+/// and be lost, so kicks are repeated until every thread has acknowledged.
+pub struct VcpuControl {
+    state: AtomicU8,
+    parked: AtomicUsize,
+    lock: Mutex<()>,
+    cond: Condvar,
+}
+
+impl Default for VcpuControl {
+    fn default() -> Self {
+        Self {
+            state: AtomicU8::new(RunState::Running as u8),
+            parked: AtomicUsize::new(0),
+            lock: Mutex::new(()),
+            cond: Condvar::new(),
+        }
+    }
+}
+
+impl VcpuControl {
+    /// The current state.
+    pub fn state(&self) -> RunState {
+        match self.state.load(Ordering::Acquire) {
+            0 => RunState::Running,
+            1 => RunState::Paused,
+            _ => RunState::Stopping,
+        }
+    }
+
+    fn set(&self, state: RunState) {
+        let _guard = self.lock.lock();
+        self.state.store(state as u8, Ordering::Release);
+        self.cond.notify_all();
+    }
+
+    /// Called by a vCPU thread: waits while the state is Paused.
+    fn park(&self) {
+        self.parked.fetch_add(1, Ordering::AcqRel);
+        let mut guard = match self.lock.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        while self.state() == RunState::Paused {
+            guard = match self.cond.wait(guard) {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+        }
+        drop(guard);
+        self.parked.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    /// Called by a vCPU thread whose guest asked to stop: waits for Stopping.
+    fn park_until_stopped(&self) {
+        self.parked.fetch_add(1, Ordering::AcqRel);
+        let mut guard = match self.lock.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        while self.state() != RunState::Stopping {
+            guard = match self.cond.wait(guard) {
+                Ok(g) => g,
+                Err(p) => p.into_inner(),
+            };
+        }
+    }
+
+    /// Parks every thread in `threads`; true once all of them are parked (5 s at most).
+    pub fn pause(&self, threads: &[JoinHandle<()>]) -> bool {
+        self.set(RunState::Paused);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.parked.load(Ordering::Acquire)
+            < threads.iter().filter(|t| !t.is_finished()).count()
+        {
+            if Instant::now() > deadline {
+                return false;
             }
-            std::thread::sleep(Duration::from_millis(1));
+            kick(threads);
+            std::thread::sleep(Duration::from_micros(200));
         }
-        if t.is_finished() {
-            let _ = t.join();
-        } else {
-            log::warn!("a vCPU thread did not stop within 5 s");
+        true
+    }
+
+    /// Lets parked threads run again.
+    pub fn resume(&self) {
+        self.set(RunState::Running);
+    }
+
+    /// Stops and joins every thread.
+    pub fn stop(&self, threads: Vec<JoinHandle<()>>) {
+        self.set(RunState::Stopping);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        for t in threads {
+            while !t.is_finished() && Instant::now() < deadline {
+                kick(std::slice::from_ref(&t));
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            if t.is_finished() {
+                let _ = t.join();
+            } else {
+                log::warn!("a vCPU thread did not stop within 5 s");
+            }
         }
+    }
+}
+
+fn kick(threads: &[JoinHandle<()>]) {
+    for t in threads.iter().filter(|t| !t.is_finished()) {
+        if let Err(e) = t.kill(kick_signal()) {
+            log::debug!("kick failed: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pause_parks_every_thread_and_resume_releases_them() {
+        install_kick_handler().unwrap();
+        let control = Arc::new(VcpuControl::default());
+        let spins = Arc::new(AtomicU64::new(0));
+        let threads: Vec<_> = (0..2)
+            .map(|_| {
+                let (c, n) = (control.clone(), spins.clone());
+                std::thread::spawn(move || loop {
+                    match c.state() {
+                        RunState::Running => {
+                            n.fetch_add(1, Ordering::Relaxed);
+                            std::thread::yield_now();
+                        }
+                        RunState::Paused => c.park(),
+                        RunState::Stopping => return,
+                    }
+                })
+            })
+            .collect();
+        assert!(control.pause(&threads));
+        let frozen = spins.load(Ordering::Relaxed);
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            spins.load(Ordering::Relaxed),
+            frozen,
+            "paused threads do not run"
+        );
+        control.resume();
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(spins.load(Ordering::Relaxed) > frozen);
+        control.stop(threads);
     }
 }

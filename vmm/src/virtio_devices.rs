@@ -86,11 +86,25 @@ impl VirtioSlot {
     }
 }
 
+/// Reads a device's I/O counters as JSON.
+pub type CounterReader = Box<dyn Fn() -> serde_json::Value + Send>;
+
+/// How a device is known to the user.
+pub struct DeviceMeta {
+    /// Name (disk id, tap name).
+    pub id: String,
+    /// Kind ("virtio-blk", "virtio-net").
+    pub kind: &'static str,
+    /// Its counters.
+    pub counters: CounterReader,
+}
+
 /// The virtio devices of a VM and the addresses/IRQs they got.
 pub struct VirtioDevices {
     next: u32,
     slots: Vec<VirtioSlot>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
+    meta: Vec<DeviceMeta>,
 }
 
 impl Default for VirtioDevices {
@@ -106,7 +120,30 @@ impl VirtioDevices {
             next: 0,
             slots: Vec::new(),
             transports: Vec::new(),
+            meta: Vec::new(),
         }
+    }
+
+    /// The devices as `vm.info` lists them.
+    pub fn device_info(&self) -> Vec<api::DeviceInfo> {
+        self.slots
+            .iter()
+            .zip(&self.meta)
+            .map(|(slot, meta)| api::DeviceInfo {
+                id: meta.id.clone(),
+                kind: meta.kind.to_string(),
+                base: slot.base,
+                irq: Some(slot.irq),
+            })
+            .collect()
+    }
+
+    /// Every device's counters, keyed by device id.
+    pub fn counters(&self) -> serde_json::Map<String, serde_json::Value> {
+        self.meta
+            .iter()
+            .map(|m| (m.id.clone(), (m.counters)()))
+            .collect()
     }
 
     /// The slots handed out, in order.
@@ -140,6 +177,7 @@ impl VirtioDevices {
         mmio: &mut Bus,
         mem: &GuestMemory,
         device: Box<dyn VirtioDevice>,
+        meta: DeviceMeta,
     ) -> Result<VirtioSlot, VirtioAttachError> {
         let slot = self.allocate()?;
         let kvm = |what| move |source| VirtioAttachError::Kvm { what, source };
@@ -156,12 +194,16 @@ impl VirtioDevices {
         mmio.insert(transport.clone(), slot.base, slot.size)?;
         self.slots.push(slot);
         self.transports.push(transport);
+        self.meta.push(meta);
         Ok(slot)
     }
 }
 
 /// Opens a disk image and builds its virtio-blk device; `index` names it by default.
-pub fn block_device(disk: &DiskConfig, index: usize) -> Result<Block, VirtioAttachError> {
+pub fn block_device(
+    disk: &DiskConfig,
+    index: usize,
+) -> Result<(Block, DeviceMeta), VirtioAttachError> {
     let path = disk.path.display().to_string();
     let backend =
         RawFile::open(&disk.path, disk.readonly).map_err(|source| VirtioAttachError::Disk {
@@ -172,13 +214,21 @@ pub fn block_device(disk: &DiskConfig, index: usize) -> Result<Block, VirtioAtta
     if size % devices::virtio::block::SECTOR_SIZE != 0 {
         return Err(VirtioAttachError::DiskSize { path, size });
     }
-    Ok(Block::new(
+    let id = disk.id.clone().unwrap_or_else(|| format!("disk{index}"));
+    let block = Block::new(
         Box::new(backend),
         BlockConfig {
             readonly: disk.readonly,
-            id: disk.id.clone().unwrap_or_else(|| format!("disk{index}")),
+            id: id.clone(),
         },
-    ))
+    );
+    let counters = block.counters();
+    let meta = DeviceMeta {
+        id,
+        kind: "virtio-blk",
+        counters: Box::new(move || counters.to_json()),
+    };
+    Ok((block, meta))
 }
 
 #[cfg(test)]

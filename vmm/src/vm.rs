@@ -1,7 +1,8 @@
 //! A VM: built from a [`VmConfig`] one boot step at a time, then run until the guest leaves.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 
 use devices::acpi_power::{AcpiSleepControl, ACPI_SLEEP_PORT};
 use devices::bus::{Bus, BusError};
@@ -19,12 +20,13 @@ use vmm_sys_util::eventfd::EventFd;
 use crate::acpi::{create_acpi_tables, AcpiError};
 use crate::boot::{load_payload, BootEntry, BootError};
 use crate::config::VmConfig;
-use crate::console::{open_console, start_input, ConsoleError, ConsoleInput};
+use crate::console::{Console, ConsoleError};
 use crate::cpu::{configure_vcpu, vcpu_cpuid, CpuError};
 use crate::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 use crate::memory::{create_guest_memory, GuestMemory, MemoryError};
-use crate::vcpu::{install_kick_handler, stop_vcpus, ExitCounters, Vcpu, VcpuContext};
+use crate::vcpu::{install_kick_handler, ExitCounters, Vcpu, VcpuContext, VcpuControl};
 use crate::virtio_devices::{block_device, VirtioAttachError, VirtioDevices};
+use api::{DeviceInfo, VmInfo, VmState};
 
 /// Errors building or running a VM.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +60,17 @@ pub enum VmError {
     /// A virtio device.
     #[error(transparent)]
     Virtio(#[from] VirtioAttachError),
+    /// The operation does not fit the VM's state.
+    #[error("cannot {op} a VM that is {state:?}")]
+    InvalidState {
+        /// What was asked.
+        op: &'static str,
+        /// The state it is in.
+        state: VmState,
+    },
+    /// vCPUs did not all park in time.
+    #[error("vCPUs did not stop within 5 s")]
+    PauseTimeout,
     /// Thread, eventfd or signal set-up.
     #[error("{what}: {source}")]
     Io {
@@ -89,23 +102,35 @@ pub enum VmOutcome {
     Crash(String),
 }
 
-/// A VM ready to run.
+impl From<ExitRequest> for VmOutcome {
+    fn from(req: ExitRequest) -> Self {
+        match req {
+            ExitRequest::PowerOff => VmOutcome::PowerOff,
+            ExitRequest::Reset => VmOutcome::Reset,
+            ExitRequest::Crash(msg) => VmOutcome::Crash(msg),
+        }
+    }
+}
+
+/// A VM: built by [`Vm::new`], then booted, paused, resumed and shut down.
 pub struct Vm {
-    fd: VmFd,
+    config: VmConfig,
+    state: VmState,
     memory: GuestMemory,
-    vcpus: Vec<Vcpu>,
+    pending: Vec<Vcpu>,
+    threads: Vec<JoinHandle<()>>,
+    control: Arc<VcpuControl>,
     exit: Arc<VmExitEvent>,
-    stop: Arc<AtomicBool>,
-    serial: Arc<Mutex<SerialPort>>,
-    console_input: ConsoleInput,
     exits: Arc<ExitCounters>,
-    // Owns the transports (and through them the device workers) for the VM's lifetime.
-    _virtio: VirtioDevices,
+    virtio: VirtioDevices,
+    devices: Vec<DeviceInfo>,
+    // Dropped last: KVM must not outlive the memory it maps, nor the memory the devices use.
+    _fd: VmFd,
 }
 
 impl Vm {
     /// Builds the VM: KVM VM, memory, interrupt controllers, devices, payload, vCPUs.
-    pub fn new(config: &VmConfig) -> Result<Self> {
+    pub fn new(config: &VmConfig, console: &Console) -> Result<Self> {
         let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
         let fd = create_vm_fd(&kvm)?;
         let memory = create_guest_memory(config.memory.size)?;
@@ -113,7 +138,7 @@ impl Vm {
         create_irqchip(&fd)?;
 
         let exit = Arc::new(VmExitEvent::new().map_err(io_err("exit eventfd"))?);
-        let (serial, console_input) = create_serial(&fd, config)?;
+        let serial = create_serial(&fd, console)?;
         let pio = Arc::new(create_pio_bus(serial.clone(), exit.clone())?);
         let mut mmio = Bus::new();
         let virtio = create_virtio_devices(&fd, &mut mmio, &memory, config)?;
@@ -128,27 +153,47 @@ impl Vm {
         let entry = load_payload(&memory, &payload, rsdp)?;
         log::info!("boot entry: {entry:?}");
 
-        let stop = Arc::new(AtomicBool::new(false));
+        let control = Arc::new(VcpuControl::default());
         let exits = Arc::new(ExitCounters::default());
         let ctx = VcpuContext {
             pio,
             mmio,
             exit: exit.clone(),
-            stop: stop.clone(),
+            control: control.clone(),
             exits: exits.clone(),
         };
-        let vcpus = create_vcpus(&kvm, &fd, config.cpus.boot, entry, &ctx)?;
+        let pending = create_vcpus(&kvm, &fd, config.cpus.boot, entry, &ctx)?;
+        console.attach(serial);
+        let mut devices = vec![DeviceInfo {
+            id: "com1".into(),
+            kind: "serial".into(),
+            base: COM1_BASE.into(),
+            irq: Some(COM1_IRQ),
+        }];
+        devices.extend(virtio.device_info());
         Ok(Self {
-            fd,
+            config: config.clone(),
+            state: VmState::Created,
             memory,
-            vcpus,
+            pending,
+            threads: Vec::new(),
+            control,
             exit,
-            stop,
-            serial,
-            console_input,
             exits,
-            _virtio: virtio,
+            virtio,
+            devices,
+            _fd: fd,
         })
+    }
+
+    /// Where the VM is in its life.
+    pub fn state(&self) -> VmState {
+        self.state
+    }
+
+    /// The configuration it was built from.
+    pub fn config(&self) -> &VmConfig {
+        &self.config
     }
 
     /// Guest memory.
@@ -156,32 +201,111 @@ impl Vm {
         &self.memory
     }
 
-    /// Runs the vCPUs until the guest powers off, resets or crashes.
-    pub fn run(self) -> Result<VmOutcome> {
-        install_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
-        start_input(self.console_input, self.serial.clone())
-            .map_err(io_err("starting the console thread"))?;
-        let mut threads = Vec::with_capacity(self.vcpus.len());
-        for vcpu in self.vcpus {
-            threads.push(vcpu.spawn().map_err(io_err("starting a vCPU thread"))?);
+    /// Becomes readable when the guest powers off, resets or crashes.
+    pub fn exit_event(&self) -> &VmExitEvent {
+        &self.exit
+    }
+
+    fn expect_state(&self, op: &'static str, ok: &[VmState]) -> Result<()> {
+        if ok.contains(&self.state) {
+            Ok(())
+        } else {
+            Err(VmError::InvalidState {
+                op,
+                state: self.state,
+            })
         }
-        let request = wait_for_exit(&self.exit);
-        stop_vcpus(&self.stop, threads);
+    }
+
+    /// Starts the vCPUs.
+    pub fn boot(&mut self) -> Result<()> {
+        self.expect_state("boot", &[VmState::Created])?;
+        install_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
+        for vcpu in self.pending.drain(..) {
+            self.threads
+                .push(vcpu.spawn().map_err(io_err("starting a vCPU thread"))?);
+        }
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    /// Parks every vCPU outside KVM_RUN; devices keep their state.
+    pub fn pause(&mut self) -> Result<()> {
+        self.expect_state("pause", &[VmState::Running])?;
+        if !self.control.pause(&self.threads) {
+            self.control.resume();
+            return Err(VmError::PauseTimeout);
+        }
+        self.state = VmState::Paused;
+        Ok(())
+    }
+
+    /// Lets paused vCPUs run again.
+    pub fn resume(&mut self) -> Result<()> {
+        self.expect_state("resume", &[VmState::Paused])?;
+        self.control.resume();
+        self.state = VmState::Running;
+        Ok(())
+    }
+
+    /// Stops the vCPUs for good; what the guest asked for, if it asked.
+    pub fn shutdown(&mut self) -> Option<VmOutcome> {
+        self.control.stop(std::mem::take(&mut self.threads));
+        self.pending.clear();
+        self.state = VmState::Shutdown;
         log::info!(
             "vCPU exits to the VMM: pio={} mmio={}",
             self.exits.pio.load(Ordering::Relaxed),
             self.exits.mmio.load(Ordering::Relaxed)
         );
-        drop(self.fd);
-        Ok(match request {
-            ExitRequest::PowerOff => VmOutcome::PowerOff,
-            ExitRequest::Reset => VmOutcome::Reset,
-            ExitRequest::Crash(msg) => VmOutcome::Crash(msg),
-        })
+        self.exit.pending().map(VmOutcome::from)
+    }
+
+    /// `vm.info`.
+    pub fn info(&self) -> VmInfo {
+        VmInfo {
+            config: self.config.clone(),
+            state: self.state,
+            memory_actual_size: self.config.memory.size,
+            devices: self.devices.clone(),
+        }
+    }
+
+    /// `vm.counters`: per-device I/O counters and the VMM's exit counts.
+    pub fn counters(&self) -> serde_json::Value {
+        let mut all = self.virtio.counters();
+        all.insert(
+            "vcpu-exits".to_string(),
+            serde_json::json!({
+                "pio": self.exits.pio.load(Ordering::Relaxed),
+                "mmio": self.exits.mmio.load(Ordering::Relaxed),
+            }),
+        );
+        serde_json::Value::Object(all)
+    }
+
+    /// Runs a VM built from `config` until the guest leaves (the VMM without an API).
+    pub fn run_to_completion(config: &VmConfig) -> Result<VmOutcome> {
+        let console = Console::open(&config.serial)?;
+        let mut vm = Vm::new(config, &console)?;
+        vm.boot()?;
+        let request = wait_for_exit(&vm.exit);
+        vm.shutdown();
+        console.detach();
+        Ok(request.into())
     }
 }
 
-fn wait_for_exit(exit: &VmExitEvent) -> ExitRequest {
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if self.state != VmState::Shutdown {
+            self.shutdown();
+        }
+    }
+}
+
+/// Blocks until the guest asks to stop.
+pub fn wait_for_exit(exit: &VmExitEvent) -> ExitRequest {
     loop {
         if let Some(req) = exit.pending() {
             return req;
@@ -243,12 +367,14 @@ fn create_irqchip(fd: &VmFd) -> Result<()> {
     Ok(())
 }
 
-fn create_serial(fd: &VmFd, config: &VmConfig) -> Result<(Arc<Mutex<SerialPort>>, ConsoleInput)> {
+fn create_serial(fd: &VmFd, console: &Console) -> Result<Arc<Mutex<SerialPort>>> {
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("serial eventfd"))?;
     fd.register_irqfd(&irq, COM1_IRQ)
         .map_err(kvm_err("KVM_IRQFD (COM1)"))?;
-    let (out, input) = open_console(&config.serial)?;
-    Ok((Arc::new(Mutex::new(SerialPort::new(irq, out))), input))
+    Ok(Arc::new(Mutex::new(SerialPort::new(
+        irq,
+        console.output()?,
+    ))))
 }
 
 fn create_pio_bus(serial: Arc<Mutex<SerialPort>>, exit: Arc<VmExitEvent>) -> Result<Bus> {
@@ -275,8 +401,8 @@ fn create_virtio_devices(
 ) -> Result<VirtioDevices> {
     let mut virtio = VirtioDevices::new();
     for (i, disk) in config.disks.iter().enumerate() {
-        let dev = block_device(disk, i)?;
-        let slot = virtio.attach(fd, mmio, memory, Box::new(dev))?;
+        let (dev, meta) = block_device(disk, i)?;
+        let slot = virtio.attach(fd, mmio, memory, Box::new(dev), meta)?;
         log::info!(
             "disk {} at {:#x} irq {}",
             disk.path.display(),

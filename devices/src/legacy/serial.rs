@@ -40,6 +40,18 @@ pub enum SerialOutput {
     Sink,
 }
 
+impl SerialOutput {
+    /// Another handle on the same destination (a VM rebooted through the API keeps its console).
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(match self {
+            SerialOutput::Stdout(_) => SerialOutput::Stdout(io::stdout()),
+            SerialOutput::File(f) => SerialOutput::File(f.try_clone()?),
+            SerialOutput::Socket(c) => SerialOutput::Socket(c.clone()),
+            SerialOutput::Sink => SerialOutput::Sink,
+        })
+    }
+}
+
 impl Write for SerialOutput {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {

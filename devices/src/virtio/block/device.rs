@@ -55,6 +55,20 @@ pub struct BlockCounters {
     pub errors: AtomicU64,
 }
 
+impl BlockCounters {
+    /// The counters as a JSON object (for `vm.counters`).
+    pub fn to_json(&self) -> serde_json::Value {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        serde_json::json!({
+            "read_ops": get(&self.read_ops),
+            "read_bytes": get(&self.read_bytes),
+            "write_ops": get(&self.write_ops),
+            "write_bytes": get(&self.write_bytes),
+            "errors": get(&self.errors),
+        })
+    }
+}
+
 /// What the worker thread gives back when it stops.
 type WorkerExit = (Box<dyn BlockBackend>, Queue);
 

@@ -1,0 +1,191 @@
+//! The VMM's control loop: owns the (single) VM, answers API requests, and notices when the
+//! guest leaves. Runs on the main thread; vCPUs, devices and the API server have their own.
+
+use api::{ApiError, ApiReceiver, ApiRequest, ApiResponse, VmState, VmmPingResponse};
+
+use crate::config::VmConfig;
+use crate::console::Console;
+use crate::vm::{Vm, VmError, VmOutcome};
+
+/// Why the control loop returned.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VmmExit {
+    /// The guest powered off, reset or crashed.
+    Guest(VmOutcome),
+    /// `vmm.shutdown`.
+    Shutdown,
+}
+
+/// The VMM: at most one VM, its console, and the API's receiving end.
+pub struct Vmm {
+    vm: Option<Vm>,
+    console: Option<Console>,
+    api: Option<ApiReceiver>,
+}
+
+fn api_error(e: &VmError) -> ApiError {
+    let status = match e {
+        VmError::InvalidState { .. } => 409,
+        VmError::Boot(_) | VmError::Virtio(_) | VmError::Console(_) => 400,
+        _ => 500,
+    };
+    ApiError::from_error(status, e)
+}
+
+fn no_vm() -> ApiError {
+    ApiError::new(409, "no VM has been created (PUT /api/v1/vm.create first)")
+}
+
+impl Vmm {
+    /// A VMM serving `api`, if any.
+    pub fn new(api: Option<ApiReceiver>) -> Self {
+        Self {
+            vm: None,
+            console: None,
+            api,
+        }
+    }
+
+    /// Builds the VM (`vm.create`).
+    pub fn create_vm(&mut self, config: &VmConfig) -> Result<(), ApiError> {
+        if let Some(vm) = &self.vm {
+            if vm.state() != VmState::Shutdown {
+                return Err(ApiError::new(
+                    409,
+                    format!("a VM already exists and is {:?}", vm.state()),
+                ));
+            }
+        }
+        config
+            .validate()
+            .map_err(|e| ApiError::from_error(400, &e))?;
+        // The console outlives VMs: one per VMM, opened for the first VM's serial setting.
+        if self.console.is_none() {
+            let console =
+                Console::open(&config.serial).map_err(|e| ApiError::from_error(400, &e))?;
+            self.console = Some(console);
+        }
+        let console = self.console.as_ref().ok_or_else(no_vm)?;
+        self.vm = None;
+        self.vm = Some(Vm::new(config, console).map_err(|e| api_error(&e))?);
+        Ok(())
+    }
+
+    /// Boots the created VM (`vm.boot`).
+    pub fn boot_vm(&mut self) -> Result<(), ApiError> {
+        let vm = self.vm.as_mut().ok_or_else(no_vm)?;
+        vm.boot().map_err(|e| api_error(&e))
+    }
+
+    fn vm(&mut self) -> Result<&mut Vm, ApiError> {
+        self.vm.as_mut().ok_or_else(no_vm)
+    }
+
+    fn handle(&mut self, req: ApiRequest) -> (ApiResponse, bool) {
+        let done = |r: Result<(), ApiError>| r.map(|()| serde_json::Value::Null);
+        let resp = match req {
+            ApiRequest::VmmPing => Ok(serde_json::json!(VmmPingResponse {
+                version: env!("CARGO_PKG_VERSION").to_string(),
+                pid: std::process::id(),
+            })),
+            ApiRequest::VmmShutdown => {
+                if let Some(vm) = self.vm.as_mut() {
+                    vm.shutdown();
+                }
+                return (Ok(serde_json::Value::Null), true);
+            }
+            ApiRequest::VmCreate(config) => done(self.create_vm(&config)),
+            ApiRequest::VmBoot => done(self.boot_vm()),
+            ApiRequest::VmInfo => self.vm().and_then(|vm| {
+                serde_json::to_value(vm.info()).map_err(|e| ApiError::from_error(500, &e))
+            }),
+            ApiRequest::VmPause => done(
+                self.vm()
+                    .and_then(|vm| vm.pause().map_err(|e| api_error(&e))),
+            ),
+            ApiRequest::VmResume => done(
+                self.vm()
+                    .and_then(|vm| vm.resume().map_err(|e| api_error(&e))),
+            ),
+            ApiRequest::VmShutdown => done(self.vm().and_then(|vm| match vm.state() {
+                VmState::Running | VmState::Paused | VmState::Created => {
+                    vm.shutdown();
+                    Ok(())
+                }
+                VmState::Shutdown => Err(ApiError::new(409, "the VM is already shut down")),
+            })),
+            ApiRequest::VmReboot => done(self.reboot()),
+            ApiRequest::VmCounters => self.vm().map(|vm| vm.counters()),
+        };
+        (resp, false)
+    }
+
+    fn reboot(&mut self) -> Result<(), ApiError> {
+        let vm = self.vm()?;
+        if !matches!(vm.state(), VmState::Running | VmState::Paused) {
+            return Err(ApiError::new(
+                409,
+                format!("cannot reboot a VM that is {:?}", vm.state()),
+            ));
+        }
+        let config = vm.config().clone();
+        vm.shutdown();
+        self.create_vm(&config)?;
+        self.boot_vm()
+    }
+
+    /// Serves requests until the guest leaves or `vmm.shutdown`.
+    pub fn run(&mut self) -> VmmExit {
+        loop {
+            let mut fds = Vec::with_capacity(2);
+            if let Some(api) = &self.api {
+                fds.push(pollfd(api.eventfd()));
+            }
+            let vm_live = self
+                .vm
+                .as_ref()
+                .is_some_and(|vm| matches!(vm.state(), VmState::Running | VmState::Paused));
+            if let Some(vm) = self.vm.as_ref().filter(|_| vm_live) {
+                fds.push(pollfd(vm.exit_event().fd()));
+            }
+            if fds.is_empty() {
+                // No API and no running VM: nothing can ever happen.
+                return VmmExit::Shutdown;
+            }
+            // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+
+            if let Some(vm) = self.vm.as_mut().filter(|_| vm_live) {
+                if vm.exit_event().pending().is_some() {
+                    let _ = vm.exit_event().fd().read();
+                    if let Some(outcome) = vm.shutdown() {
+                        if let Some(c) = &self.console {
+                            c.detach();
+                        }
+                        return VmmExit::Guest(outcome);
+                    }
+                }
+            }
+            while let Some((req, reply)) = self.api.as_ref().and_then(ApiReceiver::try_recv) {
+                log::info!("API request: {req:?}");
+                let (resp, stop) = self.handle(req);
+                if let Err(e) = &resp {
+                    log::warn!("API request failed: {} ({})", e.error, e.status);
+                }
+                // The API thread may have given up waiting; nothing to do then.
+                let _ = reply.send(resp);
+                if stop {
+                    return VmmExit::Shutdown;
+                }
+            }
+        }
+    }
+}
+
+fn pollfd(fd: &vmm_sys_util::eventfd::EventFd) -> libc::pollfd {
+    libc::pollfd {
+        fd: std::os::fd::AsRawFd::as_raw_fd(fd),
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
