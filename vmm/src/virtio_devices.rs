@@ -8,11 +8,12 @@ use std::sync::{Arc, Mutex};
 use devices::bus::{Bus, BusError};
 use devices::virtio::block::{Block, BlockConfig, RawFile};
 use devices::virtio::mmio::{MmioTransport, TransportError, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::net::{FilterChain, Net, Tap};
 use devices::virtio::VirtioDevice;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
 
-use crate::config::DiskConfig;
+use crate::config::{DiskConfig, NetConfig};
 use crate::memory::GuestMemory;
 
 /// First virtio-mmio window.
@@ -36,6 +37,22 @@ pub enum VirtioAttachError {
         /// Why.
         source: std::io::Error,
     },
+    /// A tap could not be opened or configured.
+    #[error("tap {tap}: {source}")]
+    Tap {
+        /// The tap name.
+        tap: String,
+        /// Why.
+        source: devices::virtio::net::TapError,
+    },
+    /// The net device refused its configuration.
+    #[error("net device on {tap}: {source}")]
+    Net {
+        /// The tap name.
+        tap: String,
+        /// Why.
+        source: devices::virtio::net::NetError,
+    },
     /// A disk image whose size is not a whole number of sectors.
     #[error("disk {path} is {size} bytes, not a multiple of 512")]
     DiskSize {
@@ -58,6 +75,9 @@ pub enum VirtioAttachError {
     /// An eventfd could not be created.
     #[error("eventfd: {0}")]
     EventFd(std::io::Error),
+    /// The packet-filter chain could not be set up.
+    #[error("packet filters: {0}")]
+    Filters(String),
     /// The bus refused the window.
     #[error(transparent)]
     Bus(#[from] BusError),
@@ -231,9 +251,57 @@ pub fn block_device(
     Ok((block, meta))
 }
 
+/// A locally administered MAC derived from the tap name, stable across runs.
+fn default_mac(tap: &str) -> [u8; 6] {
+    // FNV-1a: any stable spread will do; 52:54:00 is the usual virtual-NIC prefix.
+    let h = tap.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    let b = h.to_le_bytes();
+    [0x52, 0x54, 0x00, b[0], b[1], b[2]]
+}
+
+/// Opens (or creates) the tap, sets its host address if asked, and builds the virtio-net device.
+pub fn net_device(net: &NetConfig) -> Result<(Net, DeviceMeta), VirtioAttachError> {
+    let tap_err = |source| VirtioAttachError::Tap {
+        tap: net.tap.clone(),
+        source,
+    };
+    let tap = Tap::open(&net.tap).map_err(tap_err)?;
+    if let (Some(ip), Some(mask)) = (net.ip, net.mask) {
+        tap.set_ipv4(ip, mask).map_err(tap_err)?;
+    }
+    tap.set_link_up().map_err(tap_err)?;
+    let mac = net
+        .mac
+        .map(|m| m.0)
+        .unwrap_or_else(|| default_mac(&net.tap));
+    let net_err = |source| VirtioAttachError::Net {
+        tap: net.tap.clone(),
+        source,
+    };
+    let filters = FilterChain::new().map_err(|e| VirtioAttachError::Filters(e.to_string()))?;
+    let dev = Net::new(tap, mac, filters).map_err(net_err)?;
+    let counters = dev.counters();
+    let meta = DeviceMeta {
+        id: net.tap.clone(),
+        kind: "virtio-net",
+        counters: Box::new(move || serde_json::to_value(counters.snapshot()).unwrap_or_default()),
+    };
+    Ok((dev, meta))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_macs_are_unicast_local_and_stable() {
+        let a = default_mac("tap0");
+        assert_eq!(a, default_mac("tap0"));
+        assert_ne!(a, default_mac("tap1"));
+        assert_eq!(a[0] & 1, 0);
+    }
 
     #[test]
     fn cmdline_words() {

@@ -25,7 +25,7 @@ use crate::cpu::{configure_vcpu, vcpu_cpuid, CpuError};
 use crate::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 use crate::memory::{create_guest_memory, GuestMemory, MemoryError};
 use crate::vcpu::{install_kick_handler, ExitCounters, Vcpu, VcpuContext, VcpuControl};
-use crate::virtio_devices::{block_device, VirtioAttachError, VirtioDevices};
+use crate::virtio_devices::{block_device, net_device, VirtioAttachError, VirtioDevices};
 use api::{DeviceInfo, VmInfo, VmState};
 
 /// Errors building or running a VM.
@@ -406,6 +406,16 @@ fn create_virtio_devices(
         log::info!(
             "disk {} at {:#x} irq {}",
             disk.path.display(),
+            slot.base,
+            slot.irq
+        );
+    }
+    for net in &config.nets {
+        let (dev, meta) = net_device(net)?;
+        let slot = virtio.attach(fd, mmio, memory, Box::new(dev), meta)?;
+        log::info!(
+            "net on tap {} at {:#x} irq {}",
+            net.tap,
             slot.base,
             slot.irq
         );
