@@ -144,7 +144,7 @@ fn a_corrupted_record_is_reported() {
         .wait_exit(Duration::from_secs(10))
         .expect("exits")
         .success());
-    let mut f = std::fs::OpenOptions::new().write(true).open(&a).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(&a).unwrap();
     use std::os::unix::fs::FileExt;
     f.write_all_at(&[0xff], 512 * 2 + 100).unwrap(); // inside record 1's payload
     drop(f);
