@@ -48,7 +48,10 @@ impl BootInfo {
     /// Parses the start_info at `paddr`; panics if it is not a PVH start_info with a memmap.
     pub fn parse(paddr: u64) -> BootInfo {
         let magic: u32 = phys(paddr);
-        assert!(magic == START_INFO_MAGIC, "bad hvm_start_info magic {magic:#x}");
+        assert!(
+            magic == START_INFO_MAGIC,
+            "bad hvm_start_info magic {magic:#x}"
+        );
         let version: u32 = phys(paddr + 4);
         let cmdline_paddr: u64 = phys(paddr + 24);
         let rsdp: u64 = phys(paddr + 32);
@@ -65,7 +68,11 @@ impl BootInfo {
         };
         for i in 0..(entries as usize).min(MAX_REGIONS) {
             let e = memmap_paddr + 24 * i as u64;
-            info.regions[i] = Region { addr: phys(e), size: phys(e + 8), kind: phys(e + 16) };
+            info.regions[i] = Region {
+                addr: phys(e),
+                size: phys(e + 8),
+                kind: phys(e + 16),
+            };
             info.nregions += 1;
         }
         if cmdline_paddr != 0 {
@@ -88,13 +95,24 @@ impl BootInfo {
 
     /// RAM (type 1) entries.
     pub fn ram(&self) -> impl Iterator<Item = &Region> + '_ {
-        self.regions().iter().filter(|r| r.kind == E820_RAM && r.size > 0)
+        self.regions()
+            .iter()
+            .filter(|r| r.kind == E820_RAM && r.size > 0)
     }
 
     /// Total RAM rounded to the nearest MiB.
     pub fn ram_mib(&self) -> u64 {
         let bytes: u64 = self.ram().map(|r| r.size).sum();
         (bytes + (1 << 19)) >> 20
+    }
+
+    /// The values of every `key=value` word with this key, in order.
+    pub fn cmdline_values<'a>(&'a self, key: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        let line = core::str::from_utf8(&self.cmdline[..self.cmdline_len]).unwrap_or("");
+        line.split_ascii_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .filter(move |(k, _)| *k == key)
+            .map(|(_, v)| v)
     }
 
     /// The value of the first `key=value` word on the command line.

@@ -81,7 +81,10 @@ impl Write for LineWriter {
 
 /// Prints one line (a `\n` is appended).
 pub fn print_line(args: fmt::Arguments) {
-    let mut w = LineWriter { buf: [0; 128], len: 0 };
+    let mut w = LineWriter {
+        buf: [0; 128],
+        len: 0,
+    };
     let _ = w.write_fmt(args);
     let _ = w.write_str("\n");
     w.flush();
@@ -113,7 +116,11 @@ pub enum Input<'a> {
 impl LineReader {
     /// An empty reader.
     pub const fn new() -> Self {
-        LineReader { buf: [0; 256], len: 0, overflow: false }
+        LineReader {
+            buf: [0; 256],
+            len: 0,
+            overflow: false,
+        }
     }
 
     /// Feeds one byte; `\r` and `\n` both end a line.

@@ -33,6 +33,19 @@ fn pending(cpu: usize) -> &'static AtomicU64 {
     unsafe { &*(arch::percpu_area(cpu) as *const AtomicU64) }
 }
 
+/// BSP events taken by a nested wait (a disk command sleeping) for the event loop.
+static DEFERRED: AtomicU64 = AtomicU64::new(0);
+
+/// Keeps BSP events for the event loop's next round.
+pub fn defer(bits: u64) {
+    DEFERRED.fetch_or(bits, Ordering::AcqRel);
+}
+
+/// Takes the events kept by `defer`.
+pub fn take_deferred() -> u64 {
+    DEFERRED.swap(0, Ordering::AcqRel)
+}
+
 /// Takes and clears the events delivered to `cpu` since the last call.
 pub fn take_pending(cpu: usize) -> u64 {
     pending(cpu).swap(0, Ordering::AcqRel)
@@ -101,7 +114,10 @@ impl IrqRouter {
     pub fn init_bsp() -> IrqRouter {
         mask_pic();
         lapic_enable();
-        IrqRouter { dest_apic_id: lapic_read(LAPIC_ID) >> 24, next_bit: FIRST_DEVICE_BIT }
+        IrqRouter {
+            dest_apic_id: lapic_read(LAPIC_ID) >> 24,
+            next_bit: FIRST_DEVICE_BIT,
+        }
     }
 
     /// Routes an ISA IRQ (honouring the MADT override's GSI and polarity).
@@ -118,7 +134,10 @@ impl IrqRouter {
     /// injects edges anyway).
     pub fn route_gsi(&mut self, acpi: &AcpiInfo, gsi: u32, active_low: bool) -> Irq {
         let bit = self.next_bit;
-        assert!((bit as usize) < arch::EVENT_COUNT, "out of interrupt vectors");
+        assert!(
+            (bit as usize) < arch::EVENT_COUNT,
+            "out of interrupt vectors"
+        );
         self.next_bit += 1;
         let vector = arch::EVENT_BASE as u32 + bit;
         let low = vector | (active_low as u32) << 13;

@@ -28,7 +28,9 @@ pub struct MemoryLayout {
 
 /// The RAM region containing `addr`, clipped to the mapped range.
 fn ram_around(boot: &BootInfo, addr: u64) -> Option<(u64, u64)> {
-    boot.ram().find(|r| r.addr <= addr && addr < r.end()).map(|r| (r.addr, r.end().min(MAPPED_END)))
+    boot.ram()
+        .find(|r| r.addr <= addr && addr < r.end())
+        .map(|r| (r.addr, r.end().min(MAPPED_END)))
 }
 
 /// Places the heap after the image and hands it to the allocator.
@@ -45,7 +47,10 @@ pub fn init(boot: &BootInfo) -> MemoryLayout {
         Some((_, e)) => (WORKLOAD_BASE, e),
         None => (0, 0),
     };
-    MemoryLayout { heap: (start, end), workload }
+    MemoryLayout {
+        heap: (start, end),
+        workload,
+    }
 }
 
 /// Heap blocks are multiples of this, and at least this big (a free-list node).
@@ -113,7 +118,11 @@ impl FreeList {
                 let start = base.next_multiple_of(align);
                 if start + size <= base + avail {
                     // Unlink, then give back the padding in front and the tail.
-                    if prev.is_null() { self.head = next } else { (*prev).next = next }
+                    if prev.is_null() {
+                        self.head = next
+                    } else {
+                        (*prev).next = next
+                    }
                     self.add_free(base, start - base);
                     self.add_free(start + size, base + avail - start - size);
                     return start as *mut u8;

@@ -23,7 +23,9 @@ pub fn start_aps(expected: u32) {
     }
     let code = arch::trampoline_code();
     // SAFETY: TRAMPOLINE is low RAM that nothing uses after boot info and ACPI were parsed.
-    unsafe { core::ptr::copy_nonoverlapping(code.as_ptr(), arch::TRAMPOLINE as *mut u8, code.len()) };
+    unsafe {
+        core::ptr::copy_nonoverlapping(code.as_ptr(), arch::TRAMPOLINE as *mut u8, code.len())
+    };
 
     let sipi = 0x4600 | (arch::TRAMPOLINE >> 12) as u32; // assert, start-up, vector
     interrupts::ipi_all_but_self(0x4500); // assert, INIT

@@ -30,7 +30,13 @@ fn sample() -> Sample {
         let count = interrupts::lapic_timer_current();
         let t1 = arch::rdtsc();
         if t1 - t0 < best.0 {
-            best = (t1 - t0, Sample { tsc: t0 + (t1 - t0) / 2, count });
+            best = (
+                t1 - t0,
+                Sample {
+                    tsc: t0 + (t1 - t0) / 2,
+                    count,
+                },
+            );
         }
     }
     best.1
@@ -94,6 +100,13 @@ impl Alarm {
     /// A disarmed alarm (the timer must have been set up by `calibration_end`).
     pub const fn new() -> Self {
         Alarm { armed: None }
+    }
+
+    /// Notes an event word taken elsewhere: a timer event means the one-shot has fired.
+    pub fn fired(&mut self, pending: u64) {
+        if pending & TIMER_BIT != 0 {
+            self.armed = None;
+        }
     }
 
     /// Arms for `deadline` (or stops the timer for `None`). `pending` is this loop's event

@@ -97,7 +97,7 @@ impl Console {
         }
     }
 
-    /// Stops sending input anywhere (the VM is gone).
+    /// Stops sending input anywhere (the VM is gone); input waits for the next VM.
     pub fn detach(&self) {
         if let Ok(mut t) = self.target.lock() {
             *t = None;
@@ -139,8 +139,11 @@ fn feed(target: &InputTarget, mut bytes: &[u8]) {
             Ok(t) => t.clone(),
             Err(_) => return,
         };
-        // No VM to type into: the input is dropped, as on a disconnected serial line.
-        let Some(serial) = serial else { return };
+        // No VM yet (or between VMs): hold the input until one attaches.
+        let Some(serial) = serial else {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
         let taken = match serial.lock() {
             Ok(mut s) => s.enqueue_input(bytes),
             Err(_) => return,

@@ -147,6 +147,7 @@ impl Vmm {
                 .is_some_and(|vm| matches!(vm.state(), VmState::Running | VmState::Paused));
             if let Some(vm) = self.vm.as_ref().filter(|_| vm_live) {
                 fds.push(pollfd(vm.exit_event().fd()));
+                fds.push(pollfd(vm.virtio().activation_eventfd()));
             }
             if fds.is_empty() {
                 // No API and no running VM: nothing can ever happen.
@@ -156,6 +157,7 @@ impl Vmm {
             unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
 
             if let Some(vm) = self.vm.as_mut().filter(|_| vm_live) {
+                vm.virtio().activate_pending();
                 if vm.exit_event().pending().is_some() {
                     let _ = vm.exit_event().fd().read();
                     if let Some(outcome) = vm.shutdown() {

@@ -121,26 +121,42 @@ pub struct DeviceMeta {
 
 /// The virtio devices of a VM and the addresses/IRQs they got.
 pub struct VirtioDevices {
+    activate_evt: EventFd,
+    worker_init: Option<devices::virtio::WorkerInit>,
     next: u32,
     slots: Vec<VirtioSlot>,
     transports: Vec<Arc<Mutex<MmioTransport>>>,
     meta: Vec<DeviceMeta>,
 }
 
-impl Default for VirtioDevices {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 impl VirtioDevices {
-    /// No devices yet.
-    pub fn new() -> Self {
-        Self {
+    /// No devices yet; `worker_init` runs first on every device worker thread.
+    pub fn new(
+        worker_init: Option<devices::virtio::WorkerInit>,
+    ) -> Result<Self, VirtioAttachError> {
+        Ok(Self {
+            activate_evt: EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioAttachError::EventFd)?,
+            worker_init,
             next: 0,
             slots: Vec::new(),
             transports: Vec::new(),
             meta: Vec::new(),
+        })
+    }
+
+    /// Readable when a driver set DRIVER_OK: call [`VirtioDevices::activate_pending`].
+    pub fn activation_eventfd(&self) -> &EventFd {
+        &self.activate_evt
+    }
+
+    /// Starts the data path of every device whose driver became ready (control-loop thread).
+    pub fn activate_pending(&self) {
+        let _ = self.activate_evt.read();
+        for t in &self.transports {
+            match t.lock() {
+                Ok(mut t) => t.activate_pending(),
+                Err(p) => p.into_inner().activate_pending(),
+            }
         }
     }
 
@@ -204,7 +220,15 @@ impl VirtioDevices {
         let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(VirtioAttachError::EventFd)?;
         vm.register_irqfd(&irq, slot.irq)
             .map_err(kvm("KVM_IRQFD (virtio)"))?;
-        let transport = MmioTransport::new(device, mem.clone(), irq)?;
+        let mut transport = MmioTransport::new(device, mem.clone(), irq)?;
+        transport.defer_activation(
+            self.activate_evt
+                .try_clone()
+                .map_err(VirtioAttachError::EventFd)?,
+        );
+        if let Some(init) = &self.worker_init {
+            transport.set_worker_init(init.clone());
+        }
         for (index, fd) in transport.queue_notify_fds().iter().enumerate() {
             let addr = IoEventAddress::Mmio(slot.base + QUEUE_NOTIFY_OFFSET);
             vm.register_ioevent(fd, &addr, index as u32)
@@ -315,7 +339,7 @@ mod tests {
 
     #[test]
     fn slots_are_distinct_and_bounded() {
-        let mut d = VirtioDevices::new();
+        let mut d = VirtioDevices::new(None).unwrap();
         let mut seen = Vec::new();
         while let Ok(s) = d.allocate() {
             assert!(!seen

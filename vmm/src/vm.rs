@@ -206,6 +206,11 @@ impl Vm {
         &self.exit
     }
 
+    /// The VM's virtio devices (the control loop starts them when their drivers are ready).
+    pub fn virtio(&self) -> &VirtioDevices {
+        &self.virtio
+    }
+
     fn expect_state(&self, op: &'static str, ok: &[VmState]) -> Result<()> {
         if ok.contains(&self.state) {
             Ok(())
@@ -283,17 +288,6 @@ impl Vm {
         );
         serde_json::Value::Object(all)
     }
-
-    /// Runs a VM built from `config` until the guest leaves (the VMM without an API).
-    pub fn run_to_completion(config: &VmConfig) -> Result<VmOutcome> {
-        let console = Console::open(&config.serial)?;
-        let mut vm = Vm::new(config, &console)?;
-        vm.boot()?;
-        let request = wait_for_exit(&vm.exit);
-        vm.shutdown();
-        console.detach();
-        Ok(request.into())
-    }
 }
 
 impl Drop for Vm {
@@ -304,21 +298,18 @@ impl Drop for Vm {
     }
 }
 
-/// Blocks until the guest asks to stop.
-pub fn wait_for_exit(exit: &VmExitEvent) -> ExitRequest {
-    loop {
-        if let Some(req) = exit.pending() {
-            return req;
-        }
-        let mut pfd = libc::pollfd {
-            fd: std::os::fd::AsRawFd::as_raw_fd(exit.fd()),
+/// Blocks until one of `fds` is readable.
+pub fn wait_readable(fds: &[&EventFd]) {
+    let mut pfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|fd| libc::pollfd {
+            fd: std::os::fd::AsRawFd::as_raw_fd(*fd),
             events: libc::POLLIN,
             revents: 0,
-        };
-        // SAFETY: one valid pollfd, for the duration of the call.
-        unsafe { libc::poll(&mut pfd, 1, -1) };
-        let _ = exit.fd().read();
-    }
+        })
+        .collect();
+    // SAFETY: a valid pollfd array, for the duration of the call.
+    unsafe { libc::poll(pfds.as_mut_ptr(), pfds.len() as libc::nfds_t, -1) };
 }
 
 fn create_vm_fd(kvm: &Kvm) -> Result<VmFd> {
@@ -399,7 +390,7 @@ fn create_virtio_devices(
     memory: &GuestMemory,
     config: &VmConfig,
 ) -> Result<VirtioDevices> {
-    let mut virtio = VirtioDevices::new();
+    let mut virtio = VirtioDevices::new(None)?;
     for (i, disk) in config.disks.iter().enumerate() {
         let (dev, meta) = block_device(disk, i)?;
         let slot = virtio.attach(fd, mmio, memory, Box::new(dev), meta)?;

@@ -11,7 +11,7 @@ use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::queue::QueueSnapshot;
-use super::{features, ActivateContext, ActiveQueue, Interrupt, VirtioDevice};
+use super::{features, ActivateContext, ActiveQueue, Interrupt, VirtioDevice, WorkerInit};
 use crate::bus::BusDevice;
 use crate::state::{ComponentState, StateError, Stateful};
 use crate::GuestMemory;
@@ -47,6 +47,8 @@ pub mod status {
 pub enum DeviceLifecycle {
     /// Not yet started by the driver (or reset).
     Inactive,
+    /// DRIVER_OK seen; the VMM's control loop will start the data path.
+    Activating,
     /// DRIVER_OK seen and the data path running.
     Active,
     /// Activation failed; waits for the driver to reset it.
@@ -85,6 +87,8 @@ pub struct MmioTransport {
     queue_select: u32,
     config_generation: u32,
     lifecycle: DeviceLifecycle,
+    activate_evt: Option<EventFd>,
+    worker_init: Option<WorkerInit>,
 }
 
 /// Errors creating a transport.
@@ -127,7 +131,28 @@ impl MmioTransport {
             queue_select: 0,
             config_generation: 0,
             lifecycle: DeviceLifecycle::Inactive,
+            activate_evt: None,
+            worker_init: None,
         })
+    }
+
+    /// Starts the data path from the VMM's control loop instead of the vCPU thread that wrote
+    /// DRIVER_OK: `evt` is written, and the loop calls [`MmioTransport::activate_pending`].
+    /// vCPU threads then never create threads, so their seccomp filter stays narrow.
+    pub fn defer_activation(&mut self, evt: EventFd) {
+        self.activate_evt = Some(evt);
+    }
+
+    /// Runs on every worker thread the device starts.
+    pub fn set_worker_init(&mut self, init: WorkerInit) {
+        self.worker_init = Some(init);
+    }
+
+    /// Starts the device if DRIVER_OK arrived since the last call.
+    pub fn activate_pending(&mut self) {
+        if self.lifecycle == DeviceLifecycle::Activating {
+            self.activate();
+        }
     }
 
     /// The eventfd of each queue, for the VMM to register as ioeventfds (datamatch = index).
@@ -198,7 +223,16 @@ impl MmioTransport {
         let newly_ok = value & status::DRIVER_OK != 0 && self.status & status::DRIVER_OK == 0;
         self.status = value;
         if newly_ok && self.status & status::FEATURES_OK != 0 {
-            self.activate();
+            match &self.activate_evt {
+                Some(evt) => {
+                    self.lifecycle = DeviceLifecycle::Activating;
+                    if let Err(e) = evt.write(1) {
+                        log::error!("virtio: cannot request activation: {e}");
+                        self.fail();
+                    }
+                }
+                None => self.activate(),
+            }
         }
     }
 
@@ -228,6 +262,7 @@ impl MmioTransport {
             interrupt: self.interrupt.clone(),
             queues: active,
             acked_features: self.acked_features,
+            worker_init: self.worker_init.clone(),
         };
         match self.device.activate(ctx) {
             Ok(()) => self.lifecycle = DeviceLifecycle::Active,
@@ -387,7 +422,10 @@ impl Stateful for MmioTransport {
         self.config_generation = s.config_generation;
         self.interrupt.set_status(s.interrupt_status);
         self.lifecycle = DeviceLifecycle::Inactive;
-        if s.lifecycle == DeviceLifecycle::Active {
+        if matches!(
+            s.lifecycle,
+            DeviceLifecycle::Active | DeviceLifecycle::Activating
+        ) {
             self.activate();
         }
         Ok(())
@@ -529,6 +567,23 @@ mod tests {
         assert_eq!(resets.load(Ordering::SeqCst), 1);
         assert_eq!(rd(&mut t, 0x70), 0);
         assert_eq!(t.lifecycle(), DeviceLifecycle::Inactive);
+    }
+
+    #[test]
+    fn deferred_activation_waits_for_the_control_loop() {
+        let (mut t, act, _) = transport(false);
+        let evt = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        t.defer_activation(evt.try_clone().unwrap());
+        setup_queues(&mut t);
+        driver_init(&mut t, 1);
+        wr(&mut t, 0x70, 0xf);
+        assert_eq!(t.lifecycle(), DeviceLifecycle::Activating);
+        assert_eq!(act.load(Ordering::SeqCst), 0, "not on the vCPU thread");
+        assert_eq!(evt.read().unwrap(), 1);
+        t.activate_pending();
+        assert_eq!(t.lifecycle(), DeviceLifecycle::Active);
+        t.activate_pending();
+        assert_eq!(act.load(Ordering::SeqCst), 1, "once");
     }
 
     #[test]

@@ -89,6 +89,10 @@ pub struct ActiveQueue {
     pub notify: EventFd,
 }
 
+/// Run first thing on every device worker thread, with the device kind (the VMM installs the
+/// thread's seccomp filter this way; devices know nothing about seccomp).
+pub type WorkerInit = std::sync::Arc<dyn Fn(&'static str) + Send + Sync>;
+
 /// What a device gets when the driver sets DRIVER_OK.
 pub struct ActivateContext {
     /// Guest memory.
@@ -99,6 +103,8 @@ pub struct ActivateContext {
     pub queues: Vec<ActiveQueue>,
     /// The features the driver accepted.
     pub acked_features: u64,
+    /// To run at the start of each worker thread the device spawns.
+    pub worker_init: Option<WorkerInit>,
 }
 
 /// Errors activating a device.

@@ -68,3 +68,11 @@ pub unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
     // SAFETY: same contract as memcmp.
     unsafe { memcmp(a, b, n) }
 }
+
+/// Referenced by a landing pad in the precompiled `alloc` that LTO cannot prove dead (it
+/// came with smoltcp's use of `alloc`). With `panic = "abort"` no unwinding ever starts,
+/// so this is never called.
+#[unsafe(no_mangle)]
+pub extern "C" fn _Unwind_Resume() -> ! {
+    super::crash()
+}

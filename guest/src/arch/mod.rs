@@ -89,26 +89,34 @@ pub fn outsb(port: u16, buf: &[u8]) {
 pub fn inb(port: u16) -> u8 {
     let v: u8;
     // SAFETY: port I/O has no memory effects; the guest owns all ports it touches.
-    unsafe { asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("in al, dx", out("al") v, in("dx") port, options(nomem, nostack, preserves_flags))
+    };
     v
 }
 
 /// Writes a byte to an I/O port.
 pub fn outb(port: u16, v: u8) {
     // SAFETY: as for inb.
-    unsafe { asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("out dx, al", in("dx") port, in("al") v, options(nomem, nostack, preserves_flags))
+    };
 }
 
 /// Writes a 16-bit word to an I/O port.
 pub fn outw(port: u16, v: u16) {
     // SAFETY: as for inb.
-    unsafe { asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("out dx, ax", in("dx") port, in("ax") v, options(nomem, nostack, preserves_flags))
+    };
 }
 
 /// Writes a 32-bit word to an I/O port.
 pub fn outl(port: u16, v: u32) {
     // SAFETY: as for inb.
-    unsafe { asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags)) };
+    unsafe {
+        asm!("out dx, eax", in("dx") port, in("eax") v, options(nomem, nostack, preserves_flags))
+    };
 }
 
 /// Reads a 32-bit MMIO register.
@@ -178,6 +186,10 @@ pub fn init_idt() {
         for (n, &stub) in event_stubs.iter().enumerate() {
             set(EVENT_BASE as usize + n, stub, 0);
         }
-        set(SPURIOUS_VECTOR as usize, spurious_entry as *const () as u64, 0);
+        set(
+            SPURIOUS_VECTOR as usize,
+            spurious_entry as *const () as u64,
+            0,
+        );
     }
 }

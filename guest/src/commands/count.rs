@@ -1,7 +1,7 @@
 //! `count <period_ms>`: print `count=<k>` every period, driven by TSC deadlines.
 
-use super::{arg_u64, CmdError, CmdResult};
-use crate::{println, time, Guest};
+use super::{CmdError, CmdResult, arg_u64};
+use crate::{Guest, println, time};
 
 /// The periodic counter (idle when `period` is 0).
 pub struct Counter {
@@ -13,7 +13,11 @@ pub struct Counter {
 impl Counter {
     /// An idle counter.
     pub const fn new() -> Self {
-        Counter { period: 0, next: 0, k: 0 }
+        Counter {
+            period: 0,
+            next: 0,
+            k: 0,
+        }
     }
 
     /// Prints the count if its deadline passed; returns the next deadline.
@@ -45,7 +49,11 @@ pub fn count(g: &mut Guest, args: &[&str]) -> CmdResult {
         return Err(CmdError("period too long"));
     }
     let period = time::ms_to_tsc(ms);
-    g.counter = Counter { period, next: time::now() + period, k: 0 };
+    g.counter = Counter {
+        period,
+        next: time::now() + period,
+        k: 0,
+    };
     println!("count ok");
     Ok(())
 }

@@ -3,9 +3,9 @@
 //! Physical memory is accessed with volatile operations: it is mostly outside any Rust
 //! allocation (and may start at address 0), which volatile accesses allow.
 
-use super::{arg_u64, CmdError, CmdResult};
-use crate::memory::{MemoryLayout, MAPPED_END};
-use crate::{println, time, Guest};
+use super::{CmdError, CmdResult, arg_u64};
+use crate::memory::{MAPPED_END, MemoryLayout};
+use crate::{Guest, println, time};
 use alloc::vec::Vec;
 
 const K1: u64 = 0x9e37_79b9_7f4a_7c15;
@@ -26,7 +26,10 @@ fn step(lane: u64, word: u64) -> u64 {
 
 impl Hasher {
     fn new() -> Self {
-        Hasher { lanes: core::array::from_fn(|i| K1.rotate_left(8 * i as u32) ^ K2), bytes: 0 }
+        Hasher {
+            lanes: core::array::from_fn(|i| K1.rotate_left(8 * i as u32) ^ K2),
+            bytes: 0,
+        }
     }
 
     /// Hashes physical `start..end` (8-byte aligned ends), keyed by its address.
@@ -69,8 +72,12 @@ pub fn hash(g: &mut Guest, args: &[&str]) -> CmdResult {
     if args.len() != 2 {
         return Err(CmdError("usage: hash <start_mib> <len_mib>"));
     }
-    let start = arg_u64(args[0])?.checked_mul(1 << 20).ok_or(CmdError("bad start"))?;
-    let len = arg_u64(args[1])?.checked_mul(1 << 20).ok_or(CmdError("bad length"))?;
+    let start = arg_u64(args[0])?
+        .checked_mul(1 << 20)
+        .ok_or(CmdError("bad start"))?;
+    let len = arg_u64(args[1])?
+        .checked_mul(1 << 20)
+        .ok_or(CmdError("bad length"))?;
     let end = start.checked_add(len).ok_or(CmdError("bad length"))?;
     if len == 0 {
         return Err(CmdError("empty range"));
@@ -117,7 +124,15 @@ const MAX_BACKLOG_MS: u64 = 100;
 impl Dirtier {
     /// An idle dirtier.
     pub const fn new() -> Self {
-        Dirtier { base: 0, pages: 0, pages_per_sec: 0, start_tsc: 0, done: 0, cursor: 0, generation: 0 }
+        Dirtier {
+            base: 0,
+            pages: 0,
+            pages_per_sec: 0,
+            start_tsc: 0,
+            done: 0,
+            cursor: 0,
+            generation: 0,
+        }
     }
 
     /// Writes the pages that are due by `now`; returns the next wake-up.
@@ -151,14 +166,18 @@ impl Dirtier {
             return Ok(());
         }
         let (base, limit) = layout.workload;
-        let bytes = ws_mib.checked_mul(1 << 20).ok_or(CmdError("working set too big"))?;
+        let bytes = ws_mib
+            .checked_mul(1 << 20)
+            .ok_or(CmdError("working set too big"))?;
         if ws_mib == 0 {
             return Err(CmdError("working set must be at least 1 MiB"));
         }
         if bytes > limit - base {
             return Err(CmdError("working set does not fit in free RAM"));
         }
-        let pages_per_sec = mib_per_s.checked_mul(256).ok_or(CmdError("rate too high"))?;
+        let pages_per_sec = mib_per_s
+            .checked_mul(256)
+            .ok_or(CmdError("rate too high"))?;
         *self = Dirtier {
             base,
             pages: bytes >> 12,

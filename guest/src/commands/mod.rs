@@ -2,13 +2,15 @@
 //! To add a command group, add a module and its entries to `COMMANDS`.
 
 mod count;
+mod disk;
 mod mem;
 mod system;
 
 pub use count::Counter;
+pub use disk::Disk;
 pub use mem::Dirtier;
 
-use crate::{println, Guest};
+use crate::{Guest, println};
 
 /// Why a command failed; printed as `error <reason>`.
 pub struct CmdError(pub &'static str);
@@ -29,6 +31,10 @@ const COMMANDS: &[(&str, Handler)] = &[
     ("fault", system::fault),
     ("version", system::version),
     ("memmap", system::memmap),
+    ("net", net),
+    ("disks", disk::disks),
+    ("disk", disk::disk),
+    ("virtio", virtio),
     ("help", help),
 ];
 
@@ -61,6 +67,47 @@ pub fn run(g: &mut Guest, line: &str) {
 /// Parses a decimal argument.
 fn arg_u64(s: &str) -> Result<u64, CmdError> {
     s.parse().map_err(|_| CmdError("bad number"))
+}
+
+/// `net` → `mac=.. ip=.. rx_packets=.. tx_packets=..`.
+fn net(g: &mut Guest, args: &[&str]) -> CmdResult {
+    if !args.is_empty() {
+        return Err(CmdError("takes no arguments"));
+    }
+    match &g.net {
+        Some(n) => println!("{}", n.status()),
+        None => return Err(CmdError("no network device")),
+    }
+    Ok(())
+}
+
+/// `virtio` → per-device counters: notifications sent, interrupts taken, bogus used
+/// entries (`virtio blk0:<base>:kicks=..:irqs=..:bogus=..[:failed] net:<base>:...`).
+fn virtio(g: &mut Guest, args: &[&str]) -> CmdResult {
+    use alloc::format;
+    if !args.is_empty() {
+        return Err(CmdError("takes no arguments"));
+    }
+    let mut line = alloc::string::String::from("virtio");
+    for (i, d) in g.disks.iter().enumerate() {
+        let b = &d.blk;
+        line += &format!(
+            " blk{i}:{:#x}:kicks={}:irqs={}:bogus={}",
+            b.base,
+            b.kicks,
+            b.irqs,
+            b.bogus()
+        );
+        if b.failed {
+            line += ":failed";
+        }
+    }
+    if let Some(n) = &g.net {
+        line += " ";
+        line += &n.device_stats();
+    }
+    println!("{line}");
+    Ok(())
 }
 
 /// `help` → the command names on one line.

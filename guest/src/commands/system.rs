@@ -1,12 +1,16 @@
 //! Whole-guest commands: CPUs, uptime, power.
 
 use super::{CmdError, CmdResult};
-use crate::{acpi, arch, println, smp, time, Guest};
+use crate::{Guest, acpi, arch, println, smp, time};
 use alloc::string::String;
 use core::fmt::Write;
 
 fn no_args(args: &[&str]) -> CmdResult {
-    if args.is_empty() { Ok(()) } else { Err(CmdError("takes no arguments")) }
+    if args.is_empty() {
+        Ok(())
+    } else {
+        Err(CmdError("takes no arguments"))
+    }
 }
 
 /// `cpus` → `cpus=<online CPUs>`.

@@ -185,9 +185,15 @@ impl VirtioDevice for Block {
             counters: self.counters.clone(),
             bounce: Vec::new(),
         };
+        let init = ctx.worker_init.clone();
         let thread = std::thread::Builder::new()
             .name(format!("blk-{}", self.config.id))
-            .spawn(move || worker.run(kill_worker))
+            .spawn(move || {
+                if let Some(init) = init {
+                    init("virtio-blk");
+                }
+                worker.run(kill_worker)
+            })
             .map_err(|e| ActivateError::Worker(e.to_string()))?;
         self.lifecycle = Lifecycle::Running { kill, thread };
         Ok(())
@@ -618,6 +624,7 @@ mod tests {
                 notify: notify.try_clone().unwrap(),
             }],
             acked_features: dev.avail_features(),
+            worker_init: None,
         })
         .unwrap();
         notify.write(1).unwrap();

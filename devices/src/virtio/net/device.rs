@@ -327,6 +327,7 @@ impl Net {
                 "an earlier worker died with the filter chain; refusing to run unfiltered".into(),
             )
         })?;
+        let init = ctx.worker_init.clone();
         let setup = WorkerSetup {
             mem: ctx.mem,
             interrupt: ctx.interrupt,
@@ -348,7 +349,12 @@ impl Net {
         let handle = std::thread::Builder::new()
             // std panics on a NUL in a thread name; a tap name has none, a test backend might.
             .name(format!("net-{}", self.tap_name.replace('\0', "")))
-            .spawn(move || worker.run())
+            .spawn(move || {
+                if let Some(init) = init {
+                    init("virtio-net");
+                }
+                worker.run()
+            })
             .map_err(|e| ActivateError::Worker(format!("cannot spawn the net worker: {e}")))?;
         self.worker = Some(Running { kill, handle });
         self.acked_features = ctx.acked_features;
@@ -664,6 +670,7 @@ mod tests {
             interrupt: Arc::new(Interrupt::new(irq)),
             queues: vec![rxq, txq],
             acked_features: BASE_FEATURES,
+            worker_init: None,
         };
         net.activate(ctx).unwrap();
 
@@ -764,6 +771,7 @@ mod tests {
             interrupt: Arc::new(Interrupt::new(EventFd::new(libc::EFD_NONBLOCK).unwrap())),
             queues: vec![rxq, txq],
             acked_features: BASE_FEATURES,
+            worker_init: None,
         };
         assert!(matches!(
             net.activate(ctx),
