@@ -34,8 +34,28 @@ pub fn ram_ranges(size: u64) -> Vec<(GuestAddress, usize)> {
 
 /// Allocates guest RAM of `size` bytes.
 pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
-    GuestMemory::from_ranges(&ram_ranges(size))
-        .map_err(|source| MemoryError::Allocate { size, source })
+    let mem = GuestMemory::from_ranges(&ram_ranges(size))
+        .map_err(|source| MemoryError::Allocate { size, source })?;
+    for region in mem.iter() {
+        advise_huge_pages(region);
+    }
+    Ok(mem)
+}
+
+/// Asks for transparent huge pages behind guest RAM: first touches and the hypervisor's page
+/// tables get much cheaper (measured on kvm_pvm: 4 KiB host pages fault in at ~0.4-0.7 GB/s).
+/// Only advice: a kernel without THP keeps 4 KiB pages.
+fn advise_huge_pages(region: &vm_memory::GuestRegionMmap<vm_memory::bitmap::AtomicBitmap>) {
+    let host = region.as_ptr();
+    // SAFETY: madvise on a mapping this region owns, over exactly its length; MADV_HUGEPAGE
+    // changes no contents.
+    let r = unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
+    if r != 0 {
+        log::debug!(
+            "madvise(MADV_HUGEPAGE) on guest RAM: {}",
+            std::io::Error::last_os_error()
+        );
+    }
 }
 
 /// Kind of a memory-map entry (e820 type numbers).
