@@ -24,7 +24,10 @@ pub enum ApiStartError {
 pub struct ApiServer;
 
 /// Listens on `path` and returns where requests arrive.
-pub fn start(path: &Path) -> Result<(ApiReceiver, ApiServer), ApiStartError> {
+pub fn start(
+    path: &Path,
+    _seccomp: crate::seccomp::SeccompMode,
+) -> Result<(ApiReceiver, ApiServer), ApiStartError> {
     let (_sender, receiver) = api::api_channel().map_err(ApiStartError::Channel)?;
     Err(ApiStartError::Listen {
         path: path.display().to_string(),

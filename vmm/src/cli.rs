@@ -40,6 +40,9 @@ pub struct Cli {
     /// HTTP API on a Unix socket: path=FILE. With only this, the VMM waits for vm.create.
     #[arg(long, value_name = "path=FILE")]
     pub api_socket: Option<String>,
+    /// seccomp filters per thread: true (enforce), log (allow and log), false (off).
+    #[arg(long, default_value = "true", value_name = "true|false|log")]
+    pub seccomp: crate::seccomp::SeccompMode,
     /// Write the VMM's log here instead of stderr.
     #[arg(long, value_name = "PATH")]
     pub log_file: Option<PathBuf>,

@@ -5,6 +5,7 @@ use api::{ApiError, ApiReceiver, ApiRequest, ApiResponse, VmState, VmmPingRespon
 
 use crate::config::VmConfig;
 use crate::console::Console;
+use crate::seccomp::SeccompMode;
 use crate::vm::{Vm, VmError, VmOutcome};
 
 /// Why the control loop returned.
@@ -21,6 +22,7 @@ pub struct Vmm {
     vm: Option<Vm>,
     console: Option<Console>,
     api: Option<ApiReceiver>,
+    seccomp: SeccompMode,
 }
 
 fn api_error(e: &VmError) -> ApiError {
@@ -37,12 +39,13 @@ fn no_vm() -> ApiError {
 }
 
 impl Vmm {
-    /// A VMM serving `api`, if any.
-    pub fn new(api: Option<ApiReceiver>) -> Self {
+    /// A VMM serving `api`, if any; its VMs' threads get `seccomp` filters.
+    pub fn new(api: Option<ApiReceiver>, seccomp: SeccompMode) -> Self {
         Self {
             vm: None,
             console: None,
             api,
+            seccomp,
         }
     }
 
@@ -67,7 +70,7 @@ impl Vmm {
         }
         let console = self.console.as_ref().ok_or_else(no_vm)?;
         self.vm = None;
-        self.vm = Some(Vm::new(config, console).map_err(|e| api_error(&e))?);
+        self.vm = Some(Vm::new(config, console, self.seccomp).map_err(|e| api_error(&e))?);
         Ok(())
     }
 

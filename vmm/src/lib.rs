@@ -14,6 +14,7 @@ pub mod cpu;
 pub mod layout;
 pub mod logger;
 pub mod memory;
+pub mod seccomp;
 pub mod vcpu;
 pub mod virtio_devices;
 pub mod vm;

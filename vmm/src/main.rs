@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 use vmm::cli::Cli;
+use vmm::seccomp::{self, ThreadKind};
 use vmm::{VmOutcome, Vmm, VmmExit};
 
 fn main() -> ExitCode {
@@ -29,16 +30,20 @@ fn run(cli: &Cli) -> ExitCode {
         (Ok(c), Ok(p)) => (c, p),
         (Err(e), _) | (_, Err(e)) => return fail(e),
     };
+    // Every thread created from here on inherits the VMM's filter.
+    if let Err(e) = seccomp::apply(ThreadKind::Vmm, cli.seccomp) {
+        return fail(e);
+    }
     let mut vmm = match api_path {
-        Some(path) => match vmm::api_server::start(&path) {
+        Some(path) => match vmm::api_server::start(&path, cli.seccomp) {
             Ok((receiver, server)) => {
                 // The server thread lives until the process exits.
                 std::mem::forget(server);
-                Vmm::new(Some(receiver))
+                Vmm::new(Some(receiver), cli.seccomp)
             }
             Err(e) => return fail(e),
         },
-        None => Vmm::new(None),
+        None => Vmm::new(None, cli.seccomp),
     };
     if let Some(config) = config {
         if let Err(e) = vmm.create_vm(&config).and_then(|()| vmm.boot_vm()) {

@@ -12,6 +12,8 @@ use kvm_bindings::{KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EV
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vmm_sys_util::signal::{register_signal_handler, Killable};
 
+use crate::seccomp::{self, SeccompMode, ThreadKind};
+
 /// Signal used to kick a vCPU thread out of KVM_RUN.
 fn kick_signal() -> i32 {
     vmm_sys_util::signal::SIGRTMIN()
@@ -48,6 +50,8 @@ pub struct VcpuContext {
     pub control: Arc<VcpuControl>,
     /// Exit counts for all vCPUs.
     pub exits: Arc<ExitCounters>,
+    /// seccomp for vCPU threads.
+    pub seccomp: SeccompMode,
 }
 
 /// One vCPU and its run loop.
@@ -71,6 +75,12 @@ impl Vcpu {
     }
 
     fn run(mut self) {
+        if let Err(e) = seccomp::apply(ThreadKind::Vcpu, self.ctx.seccomp) {
+            self.ctx
+                .exit
+                .request(ExitRequest::Crash(format!("vCPU {}: {e}", self.id)));
+            return;
+        }
         loop {
             match self.ctx.control.state() {
                 RunState::Running => {}

@@ -24,6 +24,7 @@ use crate::console::{Console, ConsoleError};
 use crate::cpu::{configure_vcpu, vcpu_cpuid, CpuError};
 use crate::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 use crate::memory::{create_guest_memory, GuestMemory, MemoryError};
+use crate::seccomp::{SeccompMode, ThreadKind};
 use crate::vcpu::{install_kick_handler, ExitCounters, Vcpu, VcpuContext, VcpuControl};
 use crate::virtio_devices::{block_device, net_device, VirtioAttachError, VirtioDevices};
 use api::{DeviceInfo, VmInfo, VmState};
@@ -130,7 +131,7 @@ pub struct Vm {
 
 impl Vm {
     /// Builds the VM: KVM VM, memory, interrupt controllers, devices, payload, vCPUs.
-    pub fn new(config: &VmConfig, console: &Console) -> Result<Self> {
+    pub fn new(config: &VmConfig, console: &Console, seccomp: SeccompMode) -> Result<Self> {
         let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
         let fd = create_vm_fd(&kvm)?;
         let memory = create_guest_memory(config.memory.size)?;
@@ -141,7 +142,7 @@ impl Vm {
         let serial = create_serial(&fd, console)?;
         let pio = Arc::new(create_pio_bus(serial.clone(), exit.clone())?);
         let mut mmio = Bus::new();
-        let virtio = create_virtio_devices(&fd, &mut mmio, &memory, config)?;
+        let virtio = create_virtio_devices(&fd, &mut mmio, &memory, config, seccomp)?;
         let mmio = Arc::new(mmio);
 
         let rsdp = create_acpi_tables(&memory, config.cpus.boot, virtio.slots())?;
@@ -161,6 +162,7 @@ impl Vm {
             exit: exit.clone(),
             control: control.clone(),
             exits: exits.clone(),
+            seccomp,
         };
         let pending = create_vcpus(&kvm, &fd, config.cpus.boot, entry, &ctx)?;
         console.attach(serial);
@@ -389,8 +391,20 @@ fn create_virtio_devices(
     mmio: &mut Bus,
     memory: &GuestMemory,
     config: &VmConfig,
+    seccomp: SeccompMode,
 ) -> Result<VirtioDevices> {
-    let mut virtio = VirtioDevices::new(None)?;
+    let init: devices::virtio::WorkerInit = Arc::new(move |kind: &'static str| {
+        let Some(thread) = ThreadKind::from_device(kind) else {
+            log::warn!("no seccomp filter for device kind {kind}");
+            return;
+        };
+        if let Err(e) = crate::seccomp::apply(thread, seccomp) {
+            // A worker without its filter must not run: stop the process, loudly.
+            log::error!("{e}");
+            std::process::abort();
+        }
+    });
+    let mut virtio = VirtioDevices::new(Some(init))?;
     for (i, disk) in config.disks.iter().enumerate() {
         let (dev, meta) = block_device(disk, i)?;
         let slot = virtio.attach(fd, mmio, memory, Box::new(dev), meta)?;
