@@ -6,7 +6,12 @@
 //! [`ApiSender`] (a channel plus an eventfd the loop polls); each request carries its own reply
 //! channel.
 
+pub mod client;
 pub mod config;
+pub mod events;
+#[cfg(any(test, feature = "fuzz"))]
+pub mod fuzz;
+pub mod http;
 
 use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::time::Duration;
@@ -15,6 +20,11 @@ use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
 pub use config::VmConfig;
+pub use events::{EventMonitor, EventMonitorConfig, EventMonitorError};
+pub use http::{
+    parse_api_socket, start_http_server, start_http_server_with_init, HttpError, HttpServer,
+    ThreadInit,
+};
 
 /// One action asked of the VMM.
 #[derive(Debug, Clone, PartialEq)]
@@ -173,8 +183,10 @@ impl ApiReceiver {
         match self.rx.try_recv() {
             Ok(m) => Some(m),
             Err(_) => {
+                // Clear the wake-up, then look again: a request that arrived in between would
+                // otherwise wait for the next one.
                 let _ = self.evt.read();
-                None
+                self.rx.try_recv().ok()
             }
         }
     }

@@ -1,8 +1,11 @@
 //! Starts the HTTP API for `--api-socket` and returns the control loop's end of the channel.
 
 use std::path::Path;
+use std::sync::Arc;
 
-use api::ApiReceiver;
+use api::{ApiReceiver, HttpServer};
+
+use crate::seccomp::{self, SeccompMode, ThreadKind};
 
 /// Errors starting the API.
 #[derive(Debug, thiserror::Error)]
@@ -11,27 +14,31 @@ pub enum ApiStartError {
     #[error("API channel: {0}")]
     Channel(std::io::Error),
     /// The server could not listen.
-    #[error("API socket {path}: {why}")]
+    #[error("API socket {path}: {source}")]
     Listen {
         /// The socket path.
         path: String,
         /// Why.
-        why: String,
+        source: api::HttpError,
     },
 }
 
-/// The running server (stops when dropped).
-pub struct ApiServer;
-
-/// Listens on `path` and returns where requests arrive.
-pub fn start(
-    path: &Path,
-    _seccomp: crate::seccomp::SeccompMode,
-) -> Result<(ApiReceiver, ApiServer), ApiStartError> {
-    let (_sender, receiver) = api::api_channel().map_err(ApiStartError::Channel)?;
-    Err(ApiStartError::Listen {
-        path: path.display().to_string(),
-        why: "the HTTP server is not built yet".to_string(),
-    })
-    .map(|()| (receiver, ApiServer))
+/// Listens on `path` (server threads under the API seccomp filter) and returns where
+/// requests arrive, with the server handle (dropping it stops the server).
+pub fn start(path: &Path, mode: SeccompMode) -> Result<(ApiReceiver, HttpServer), ApiStartError> {
+    let (sender, receiver) = api::api_channel().map_err(ApiStartError::Channel)?;
+    let init: api::ThreadInit = Arc::new(move || {
+        if let Err(e) = seccomp::apply(ThreadKind::Api, mode) {
+            // An API thread without its filter must not serve requests.
+            log::error!("{e}");
+            std::process::abort();
+        }
+    });
+    let server = api::start_http_server_with_init(path, sender, init).map_err(|source| {
+        ApiStartError::Listen {
+            path: path.display().to_string(),
+            source,
+        }
+    })?;
+    Ok((receiver, server))
 }

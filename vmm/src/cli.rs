@@ -40,6 +40,9 @@ pub struct Cli {
     /// HTTP API on a Unix socket: path=FILE. With only this, the VMM waits for vm.create.
     #[arg(long, value_name = "path=FILE")]
     pub api_socket: Option<String>,
+    /// Lifecycle events as JSON lines: path=FILE or fd=N.
+    #[arg(long, value_name = "path=FILE|fd=N")]
+    pub event_monitor: Option<String>,
     /// seccomp filters per thread: true (enforce), log (allow and log), false (off).
     #[arg(long, default_value = "true", value_name = "true|false|log")]
     pub seccomp: crate::seccomp::SeccompMode,
@@ -57,15 +60,14 @@ impl Cli {
         let Some(raw) = &self.api_socket else {
             return Ok(None);
         };
-        match raw.strip_prefix("path=") {
-            Some(p) if !p.is_empty() && !p.contains(',') => Ok(Some(p.into())),
-            _ => Err(ConfigError::InvalidValue {
+        api::parse_api_socket(raw)
+            .map(Some)
+            .map_err(|e| ConfigError::InvalidValue {
                 option: "api-socket",
                 key: "path",
                 value: raw.clone(),
-                why: "expected path=FILE".to_string(),
-            }),
-        }
+                why: e.to_string(),
+            })
     }
 
     /// Validates the options into a VM configuration; `None` when no kernel is given but an
@@ -116,7 +118,7 @@ mod tests {
         let cli = Cli::try_parse_from(["colovmm", "--api-socket", "path=/tmp/a.sock"]).unwrap();
         assert_eq!(cli.vm_config(), Ok(None));
         assert_eq!(cli.api_socket_path().unwrap(), Some("/tmp/a.sock".into()));
-        let bad = Cli::try_parse_from(["colovmm", "--api-socket", "/tmp/a.sock"]).unwrap();
+        let bad = Cli::try_parse_from(["colovmm", "--api-socket", "fd=3"]).unwrap();
         assert!(bad.api_socket_path().is_err());
     }
 

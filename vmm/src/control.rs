@@ -1,7 +1,7 @@
 //! The VMM's control loop: owns the (single) VM, answers API requests, and notices when the
 //! guest leaves. Runs on the main thread; vCPUs, devices and the API server have their own.
 
-use api::{ApiError, ApiReceiver, ApiRequest, ApiResponse, VmState, VmmPingResponse};
+use api::{ApiError, ApiReceiver, ApiRequest, ApiResponse, EventMonitor, VmState, VmmPingResponse};
 
 use crate::config::VmConfig;
 use crate::console::Console;
@@ -23,6 +23,7 @@ pub struct Vmm {
     console: Option<Console>,
     api: Option<ApiReceiver>,
     seccomp: SeccompMode,
+    events: EventMonitor,
 }
 
 fn api_error(e: &VmError) -> ApiError {
@@ -40,13 +41,28 @@ fn no_vm() -> ApiError {
 
 impl Vmm {
     /// A VMM serving `api`, if any; its VMs' threads get `seccomp` filters.
-    pub fn new(api: Option<ApiReceiver>, seccomp: SeccompMode) -> Self {
+    pub fn new(api: Option<ApiReceiver>, seccomp: SeccompMode, events: EventMonitor) -> Self {
+        events.emit(
+            "vmm",
+            "started",
+            serde_json::json!({"pid": std::process::id()}),
+        );
         Self {
             vm: None,
             console: None,
             api,
             seccomp,
+            events,
         }
+    }
+
+    fn emit(&self, event: &str, properties: serde_json::Value) {
+        self.events.emit("vm", event, properties);
+    }
+
+    /// Writes out queued events (before the process exits).
+    pub fn flush_events(&self) {
+        self.events.flush(std::time::Duration::from_secs(2));
     }
 
     /// Builds the VM (`vm.create`).
@@ -71,13 +87,19 @@ impl Vmm {
         let console = self.console.as_ref().ok_or_else(no_vm)?;
         self.vm = None;
         self.vm = Some(Vm::new(config, console, self.seccomp).map_err(|e| api_error(&e))?);
+        self.emit(
+            "created",
+            serde_json::json!({"vcpus": config.cpus.boot, "memory": config.memory.size}),
+        );
         Ok(())
     }
 
     /// Boots the created VM (`vm.boot`).
     pub fn boot_vm(&mut self) -> Result<(), ApiError> {
         let vm = self.vm.as_mut().ok_or_else(no_vm)?;
-        vm.boot().map_err(|e| api_error(&e))
+        vm.boot().map_err(|e| api_error(&e))?;
+        self.emit("booted", serde_json::json!({}));
+        Ok(())
     }
 
     fn vm(&mut self) -> Result<&mut Vm, ApiError> {
@@ -95,6 +117,7 @@ impl Vmm {
                 if let Some(vm) = self.vm.as_mut() {
                     vm.shutdown();
                 }
+                self.events.emit("vmm", "shutdown", serde_json::json!({}));
                 return (Ok(serde_json::Value::Null), true);
             }
             ApiRequest::VmCreate(config) => done(self.create_vm(&config)),
@@ -102,25 +125,38 @@ impl Vmm {
             ApiRequest::VmInfo => self.vm().and_then(|vm| {
                 serde_json::to_value(vm.info()).map_err(|e| ApiError::from_error(500, &e))
             }),
-            ApiRequest::VmPause => done(
-                self.vm()
-                    .and_then(|vm| vm.pause().map_err(|e| api_error(&e))),
-            ),
-            ApiRequest::VmResume => done(
-                self.vm()
-                    .and_then(|vm| vm.resume().map_err(|e| api_error(&e))),
-            ),
-            ApiRequest::VmShutdown => done(self.vm().and_then(|vm| match vm.state() {
-                VmState::Running | VmState::Paused | VmState::Created => {
-                    vm.shutdown();
-                    Ok(())
-                }
-                VmState::Shutdown => Err(ApiError::new(409, "the VM is already shut down")),
-            })),
+            ApiRequest::VmPause => done(self.pause_vm()),
+            ApiRequest::VmResume => done(self.resume_vm()),
+            ApiRequest::VmShutdown => done(self.shutdown_vm()),
             ApiRequest::VmReboot => done(self.reboot()),
             ApiRequest::VmCounters => self.vm().map(|vm| vm.counters()),
         };
         (resp, false)
+    }
+
+    fn pause_vm(&mut self) -> Result<(), ApiError> {
+        self.vm()?.pause().map_err(|e| api_error(&e))?;
+        self.emit("paused", serde_json::json!({}));
+        Ok(())
+    }
+
+    fn resume_vm(&mut self) -> Result<(), ApiError> {
+        self.vm()?.resume().map_err(|e| api_error(&e))?;
+        self.emit("resumed", serde_json::json!({}));
+        Ok(())
+    }
+
+    fn shutdown_vm(&mut self) -> Result<(), ApiError> {
+        let vm = self.vm()?;
+        if vm.state() == VmState::Shutdown {
+            return Err(ApiError::new(409, "the VM is already shut down"));
+        }
+        vm.shutdown();
+        if let Some(c) = &self.console {
+            c.detach();
+        }
+        self.emit("shutdown", serde_json::json!({"reason": "api"}));
+        Ok(())
     }
 
     fn reboot(&mut self) -> Result<(), ApiError> {
@@ -133,6 +169,7 @@ impl Vmm {
         }
         let config = vm.config().clone();
         vm.shutdown();
+        self.emit("rebooting", serde_json::json!({}));
         self.create_vm(&config)?;
         self.boot_vm()
     }
@@ -167,6 +204,18 @@ impl Vmm {
                         if let Some(c) = &self.console {
                             c.detach();
                         }
+                        let (event, props) = match &outcome {
+                            VmOutcome::PowerOff => {
+                                ("shutdown", serde_json::json!({"reason": "guest power-off"}))
+                            }
+                            VmOutcome::Reset => {
+                                ("shutdown", serde_json::json!({"reason": "guest reset"}))
+                            }
+                            VmOutcome::Crash(msg) => {
+                                ("crashed", serde_json::json!({"message": msg}))
+                            }
+                        };
+                        self.emit(event, props);
                         return VmmExit::Guest(outcome);
                     }
                 }

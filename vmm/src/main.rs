@@ -5,6 +5,7 @@
 
 use std::process::ExitCode;
 
+use api::{EventMonitor, EventMonitorConfig};
 use clap::Parser;
 use vmm::cli::Cli;
 use vmm::seccomp::{self, ThreadKind};
@@ -34,17 +35,31 @@ fn run(cli: &Cli) -> ExitCode {
     if let Err(e) = seccomp::apply(ThreadKind::Vmm, cli.seccomp) {
         return fail(e);
     }
-    let mut vmm = match api_path {
-        Some(path) => match vmm::api_server::start(&path, cli.seccomp) {
-            Ok((receiver, server)) => {
-                // The server thread lives until the process exits.
-                std::mem::forget(server);
-                Vmm::new(Some(receiver), cli.seccomp)
-            }
+    let events = match cli.event_monitor.as_deref().map(EventMonitorConfig::parse) {
+        None => EventMonitor::disabled(),
+        Some(Ok(c)) => match EventMonitor::open(&c) {
+            Ok(m) => m,
             Err(e) => return fail(e),
         },
-        None => Vmm::new(None, cli.seccomp),
+        Some(Err(e)) => return fail(e),
     };
+    let (receiver, server) = match api_path {
+        Some(path) => match vmm::api_server::start(&path, cli.seccomp) {
+            Ok((receiver, server)) => (Some(receiver), Some(server)),
+            Err(e) => return fail(e),
+        },
+        None => (None, None),
+    };
+    let mut vmm = Vmm::new(receiver, cli.seccomp, events);
+    let code = run_vmm(&mut vmm, config);
+    vmm.flush_events();
+    // The control loop's receiver goes first, so the server's pending calls fail at once.
+    drop(vmm);
+    drop(server);
+    code
+}
+
+fn run_vmm(vmm: &mut Vmm, config: Option<vmm::config::VmConfig>) -> ExitCode {
     if let Some(config) = config {
         if let Err(e) = vmm.create_vm(&config).and_then(|()| vmm.boot_vm()) {
             let causes: String = e.causes.iter().map(|c| format!(": {c}")).collect();
