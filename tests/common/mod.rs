@@ -38,6 +38,13 @@ pub fn colovmm_bin() -> PathBuf {
     bin
 }
 
+/// `colovmm-remote`, next to colovmm.
+pub fn remote_bin() -> PathBuf {
+    let bin = colovmm_bin().with_file_name("colovmm-remote");
+    assert!(bin.exists(), "{} is missing: build it first", bin.display());
+    bin
+}
+
 /// The test guest kernel built by scripts/build-guest.sh.
 pub fn testguest() -> PathBuf {
     let p = repo_root().join("target/guest/testguest");
