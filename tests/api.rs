@@ -60,7 +60,13 @@ fn wait_for_socket(sock: &Path) {
 /// colovmm with only an API socket, then the test guest created and booted through it.
 fn api_vm(dir: &Scratch, disk: Option<&Path>) -> (Console, PathBuf) {
     let sock = dir.0.join("api.sock");
-    let mut vm = Console::colovmm(&["--api-socket", &format!("path={}", sock.display())]);
+    let events = dir.0.join("events.jsonl");
+    let mut vm = Console::colovmm(&[
+        "--api-socket",
+        &format!("path={}", sock.display()),
+        "--event-monitor",
+        &format!("path={}", events.display()),
+    ]);
     wait_for_socket(&sock);
     ok(&sock, &["ping"]);
     let mut config = serde_json::json!({
@@ -153,6 +159,27 @@ fn lifecycle_through_colovmm_remote() {
     let status = vm.wait_exit(Duration::from_secs(10)).expect("VMM exits");
     assert!(status.success());
     assert!(!sock.exists(), "the API socket is removed at exit");
+
+    // The event stream told the story, one JSON object per line, in order.
+    let events: Vec<(String, String)> = std::fs::read_to_string(dir.0.join("events.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            assert!(v["timestamp"].as_f64().unwrap() > 1.6e9, "{l}");
+            (
+                v["source"].as_str().unwrap().to_string(),
+                v["event"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    let names: Vec<&str> = events.iter().map(|(_, e)| e.as_str()).collect();
+    assert_eq!(
+        names,
+        ["started", "created", "booted", "paused", "resumed", "shutdown", "shutdown"],
+        "{events:?}"
+    );
+    assert_eq!(events.last().unwrap().0, "vmm");
 }
 
 #[test]
