@@ -49,6 +49,91 @@ pub enum ApiRequest {
     VmReboot,
     /// Per-device I/O counters: a JSON object of objects of numbers.
     VmCounters,
+    /// Save a paused VM's complete state to a URL.
+    VmSnapshot(VmSnapshotConfig),
+    /// Replace the (absent or shut down) VM by one restored from a URL; it comes up paused.
+    VmRestore(VmRestoreConfig),
+    /// Live-migrate the running VM to a receiving colovmm.
+    VmSendMigration(SendMigrationData),
+    /// Wait for an incoming migration (this colovmm has no VM yet).
+    VmReceiveMigration(ReceiveMigrationData),
+    /// Progress of the current or last migration: [`MigrationStatus`].
+    VmMigrationStatus,
+}
+
+/// `vm.snapshot` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmSnapshotConfig {
+    /// Where to write: `file:///DIR` (created if missing, must be empty).
+    pub destination_url: String,
+}
+
+/// `vm.restore` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmRestoreConfig {
+    /// Where to read: `file:///DIR` written by `vm.snapshot`.
+    pub source_url: String,
+}
+
+/// `vm.send-migration` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendMigrationData {
+    /// `tcp:HOST:PORT` or `unix:PATH`.
+    pub destination_url: String,
+    /// Pause budget for the final round (default 300 ms).
+    #[serde(default)]
+    pub downtime_ms: Option<u64>,
+    /// Parallel connections for memory (default 1).
+    #[serde(default)]
+    pub channels: Option<u32>,
+}
+
+/// `vm.receive-migration` body.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReceiveMigrationData {
+    /// `tcp:ADDR:PORT` or `unix:PATH` to listen on.
+    pub receiver_url: String,
+}
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MigrationPhase {
+    /// None has run.
+    Idle,
+    /// Sending or receiving.
+    Active,
+    /// Done: the VM runs on the destination.
+    Completed,
+    /// Stopped with an error; the source VM keeps running.
+    Failed,
+}
+
+/// `vm.migration-status` body.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MigrationStatus {
+    /// Where it is.
+    pub phase: MigrationPhase,
+    /// Precopy round (1 = all memory).
+    pub round: u32,
+    /// Bytes of memory sent (or received) so far.
+    pub bytes: u64,
+    /// Guest RAM size.
+    pub total_bytes: u64,
+    /// Bytes dirtied per second during the last round.
+    pub dirty_rate: u64,
+    /// Predicted time to completion, in ms.
+    pub eta_ms: u64,
+    /// Measured pause of the final round, once known.
+    pub downtime_ms: Option<f64>,
+    /// Total time so far, in ms.
+    pub elapsed_ms: u64,
+    /// Why it failed, if it did.
+    pub error: Option<String>,
 }
 
 /// An error reply: HTTP status, a message, and the chain of causes.

@@ -37,6 +37,9 @@ pub struct Cli {
     /// virtio-net cards: tap=NAME[,mac=MAC][,ip=ADDR,mask=MASK] (repeatable).
     #[arg(long, num_args = 1.., action = clap::ArgAction::Append)]
     pub net: Vec<String>,
+    /// Restore a snapshot instead of booting: source_url=file:///DIR. The VM resumes at once.
+    #[arg(long, value_name = "source_url=URL", conflicts_with = "kernel")]
+    pub restore: Option<String>,
     /// HTTP API on a Unix socket: path=FILE. With only this, the VMM waits for vm.create.
     #[arg(long, value_name = "path=FILE")]
     pub api_socket: Option<String>,
@@ -55,6 +58,22 @@ pub struct Cli {
 }
 
 impl Cli {
+    /// The snapshot URL of `--restore source_url=URL`.
+    pub fn restore_url(&self) -> Result<Option<String>, ConfigError> {
+        let Some(raw) = &self.restore else {
+            return Ok(None);
+        };
+        match raw.strip_prefix("source_url=") {
+            Some(url) if !url.is_empty() => Ok(Some(url.to_string())),
+            _ => Err(ConfigError::InvalidValue {
+                option: "restore",
+                key: "source_url",
+                value: raw.clone(),
+                why: "expected source_url=file:///DIR".to_string(),
+            }),
+        }
+    }
+
     /// The API socket's path, from `path=FILE`.
     pub fn api_socket_path(&self) -> Result<Option<PathBuf>, ConfigError> {
         let Some(raw) = &self.api_socket else {
@@ -74,9 +93,9 @@ impl Cli {
     /// API socket is (the VM will come from `vm.create`).
     pub fn vm_config(&self) -> Result<Option<VmConfig>, ConfigError> {
         let Some(kernel) = self.kernel.clone() else {
-            return match self.api_socket {
-                Some(_) => Ok(None),
-                None => Err(ConfigError::MissingKernel),
+            return match (&self.api_socket, &self.restore) {
+                (Some(_), _) | (_, Some(_)) => Ok(None),
+                (None, None) => Err(ConfigError::MissingKernel),
             };
         };
         Ok(Some(VmConfig {

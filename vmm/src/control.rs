@@ -6,6 +6,7 @@ use api::{ApiError, ApiReceiver, ApiRequest, ApiResponse, EventMonitor, VmState,
 use crate::config::VmConfig;
 use crate::console::Console;
 use crate::seccomp::SeccompMode;
+use crate::snapshot::{self, SnapshotError};
 use crate::vm::{Vm, VmError, VmOutcome};
 
 /// Why the control loop returned.
@@ -130,8 +131,69 @@ impl Vmm {
             ApiRequest::VmShutdown => done(self.shutdown_vm()),
             ApiRequest::VmReboot => done(self.reboot()),
             ApiRequest::VmCounters => self.vm().map(|vm| vm.counters()),
+            ApiRequest::VmSnapshot(cfg) => done(self.snapshot_vm(&cfg.destination_url)),
+            ApiRequest::VmRestore(cfg) => done(self.restore_vm(&cfg.source_url)),
+            ApiRequest::VmSendMigration(_)
+            | ApiRequest::VmReceiveMigration(_)
+            | ApiRequest::VmMigrationStatus => {
+                Err(ApiError::new(501, "live migration is not implemented yet"))
+            }
         };
         (resp, false)
+    }
+
+    fn snapshot_vm(&mut self, url: &str) -> Result<(), ApiError> {
+        let vm = self.vm()?;
+        let status = |e: &SnapshotError| match e {
+            SnapshotError::NotPaused(_) | SnapshotError::NotEmpty(_) => 409,
+            SnapshotError::Url(_) => 400,
+            _ => 500,
+        };
+        vm.snapshot_to(url)
+            .map_err(|e| ApiError::from_error(status(&e), &e))?;
+        self.emit("snapshot", serde_json::json!({"destination_url": url}));
+        Ok(())
+    }
+
+    /// Replaces any shut-down VM by one restored from `url` (paused until `vm.resume`).
+    pub fn restore_vm(&mut self, url: &str) -> Result<(), ApiError> {
+        if let Some(vm) = &self.vm {
+            if vm.state() != VmState::Shutdown {
+                return Err(ApiError::new(
+                    409,
+                    format!("a VM already exists and is {:?}", vm.state()),
+                ));
+            }
+        }
+        let dir = snapshot::url_dir(url).map_err(|e| ApiError::from_error(400, &e))?;
+        // The console follows the snapshot's serial setting, opened once per VMM.
+        if self.console.is_none() {
+            let config = snapshot::read_config(&dir).map_err(|e| ApiError::from_error(400, &e))?;
+            let console =
+                Console::open(&config.serial).map_err(|e| ApiError::from_error(400, &e))?;
+            self.console = Some(console);
+        }
+        let console = self.console.as_ref().ok_or_else(no_vm)?;
+        self.vm = None;
+        let vm = Vm::restore_from(url, console, self.seccomp).map_err(|e| {
+            let status = match e {
+                SnapshotError::Url(_)
+                | SnapshotError::Format { .. }
+                | SnapshotError::Version { .. }
+                | SnapshotError::Mismatch(_)
+                | SnapshotError::Io { .. } => 400,
+                _ => 500,
+            };
+            ApiError::from_error(status, &e)
+        })?;
+        self.vm = Some(vm);
+        self.emit("restored", serde_json::json!({"source_url": url}));
+        Ok(())
+    }
+
+    /// Resumes the VM (after a restore from the command line).
+    pub fn resume(&mut self) -> Result<(), ApiError> {
+        self.resume_vm()
     }
 
     fn pause_vm(&mut self) -> Result<(), ApiError> {

@@ -11,13 +11,16 @@ pub mod control;
 pub use api::config;
 pub mod console;
 pub mod cpu;
+pub mod dirty;
 pub mod layout;
 pub mod logger;
 pub mod memory;
 pub mod seccomp;
+pub mod snapshot;
 pub mod vcpu;
 pub mod virtio_devices;
 pub mod vm;
+pub mod vm_state;
 
 pub use control::{Vmm, VmmExit};
 pub use vm::{Vm, VmError, VmOutcome};

@@ -27,10 +27,11 @@ fn run(cli: &Cli) -> ExitCode {
     if let Err(e) = vmm::logger::init(cli.v, cli.log_file.as_deref()) {
         return fail(format_args!("cannot open log file: {e}"));
     }
-    let (config, api_path) = match (cli.vm_config(), cli.api_socket_path()) {
-        (Ok(c), Ok(p)) => (c, p),
-        (Err(e), _) | (_, Err(e)) => return fail(e),
-    };
+    let (config, api_path, restore) =
+        match (cli.vm_config(), cli.api_socket_path(), cli.restore_url()) {
+            (Ok(c), Ok(p), Ok(r)) => (c, p, r),
+            (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return fail(e),
+        };
     // Every thread created from here on inherits the VMM's filter.
     if let Err(e) = seccomp::apply(ThreadKind::Vmm, cli.seccomp) {
         return fail(e);
@@ -51,7 +52,7 @@ fn run(cli: &Cli) -> ExitCode {
         None => (None, None),
     };
     let mut vmm = Vmm::new(receiver, cli.seccomp, events);
-    let code = run_vmm(&mut vmm, config);
+    let code = run_vmm(&mut vmm, config, restore);
     vmm.flush_events();
     // The control loop's receiver goes first, so the server's pending calls fail at once.
     drop(vmm);
@@ -59,7 +60,17 @@ fn run(cli: &Cli) -> ExitCode {
     code
 }
 
-fn run_vmm(vmm: &mut Vmm, config: Option<vmm::config::VmConfig>) -> ExitCode {
+fn run_vmm(
+    vmm: &mut Vmm,
+    config: Option<vmm::config::VmConfig>,
+    restore: Option<String>,
+) -> ExitCode {
+    if let Some(url) = restore {
+        if let Err(e) = vmm.restore_vm(&url).and_then(|()| vmm.resume()) {
+            let causes: String = e.causes.iter().map(|c| format!(": {c}")).collect();
+            return fail(format_args!("{}{causes}", e.error));
+        }
+    }
     if let Some(config) = config {
         if let Err(e) = vmm.create_vm(&config).and_then(|()| vmm.boot_vm()) {
             let causes: String = e.causes.iter().map(|c| format!(": {c}")).collect();

@@ -54,16 +54,20 @@ pub struct VcpuContext {
     pub seccomp: SeccompMode,
 }
 
+/// A vCPU's KVM handle. Its thread holds the lock while it runs guest code and releases it
+/// when parked, so the VMM can read and write the vCPU's state while the VM is paused.
+pub type SharedVcpuFd = Arc<Mutex<VcpuFd>>;
+
 /// One vCPU and its run loop.
 pub struct Vcpu {
     id: u8,
-    fd: VcpuFd,
+    fd: SharedVcpuFd,
     ctx: VcpuContext,
 }
 
 impl Vcpu {
     /// A vCPU ready to run.
-    pub fn new(id: u8, fd: VcpuFd, ctx: VcpuContext) -> Self {
+    pub fn new(id: u8, fd: SharedVcpuFd, ctx: VcpuContext) -> Self {
         Self { id, fd, ctx }
     }
 
@@ -74,7 +78,7 @@ impl Vcpu {
             .spawn(move || self.run())
     }
 
-    fn run(mut self) {
+    fn run(self) {
         if let Err(e) = seccomp::apply(ThreadKind::Vcpu, self.ctx.seccomp) {
             self.ctx
                 .exit
@@ -90,19 +94,27 @@ impl Vcpu {
                 }
                 RunState::Stopping => return,
             }
-            if let Some(req) = self.run_once() {
-                self.ctx.exit.request(req);
-                // Stay parked until the VMM decides what happens next (it will stop us).
-                self.ctx.control.park_until_stopped();
-                return;
+            let mut fd = match self.fd.lock() {
+                Ok(fd) => fd,
+                Err(p) => p.into_inner(),
+            };
+            // Keep the lock across exits while running; a kick ends the inner loop.
+            while self.ctx.control.state() == RunState::Running {
+                if let Some(req) = self.run_once(&mut fd) {
+                    drop(fd);
+                    self.ctx.exit.request(req);
+                    // Stay parked until the VMM decides what happens next (it will stop us).
+                    self.ctx.control.park_until_stopped();
+                    return;
+                }
             }
         }
     }
 
     /// One KVM_RUN; returns a request when the VM must stop.
-    fn run_once(&mut self) -> Option<ExitRequest> {
+    fn run_once(&self, fd: &mut VcpuFd) -> Option<ExitRequest> {
         let ctx = &self.ctx;
-        match self.fd.run() {
+        match fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
                 ctx.exits.pio.fetch_add(1, Ordering::Relaxed);
                 if !ctx.pio.read(port.into(), data) {
@@ -128,36 +140,37 @@ impl Vcpu {
                 None
             }
             Ok(VcpuExit::Hlt) | Ok(VcpuExit::IrqWindowOpen) | Ok(VcpuExit::Intr) => None,
-            Ok(VcpuExit::Shutdown) => Some(self.crash("triple fault (KVM_EXIT_SHUTDOWN)")),
+            Ok(VcpuExit::Shutdown) => Some(self.crash(fd, "triple fault (KVM_EXIT_SHUTDOWN)")),
             Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
                 KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitRequest::PowerOff),
                 KVM_SYSTEM_EVENT_RESET => Some(ExitRequest::Reset),
-                KVM_SYSTEM_EVENT_CRASH => Some(self.crash("guest reported a crash")),
-                other => Some(self.crash(&format!("unknown system event {other}"))),
+                KVM_SYSTEM_EVENT_CRASH => Some(self.crash(fd, "guest reported a crash")),
+                other => Some(self.crash(fd, &format!("unknown system event {other}"))),
             },
             Ok(VcpuExit::InternalError) => {
-                Some(self.crash("KVM internal error (instruction emulation failed)"))
+                Some(self.crash(fd, "KVM internal error (instruction emulation failed)"))
             }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(self.crash(&format!(
-                "VM entry failed (hardware reason {reason:#x} on host CPU {cpu})"
-            ))),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(self.crash(
+                fd,
+                &format!("VM entry failed (hardware reason {reason:#x} on host CPU {cpu})"),
+            )),
             Ok(other) => {
                 let what = format!("unexpected exit {other:?}");
-                Some(self.crash(&what))
+                Some(self.crash(fd, &what))
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
-                // Kicked: clear KVM's immediate-exit flag and look at `stop` again.
-                self.fd.set_kvm_immediate_exit(0);
+                // Kicked: clear KVM's immediate-exit flag and look at the run state again.
+                fd.set_kvm_immediate_exit(0);
                 None
             }
-            Err(e) => Some(self.crash(&format!("KVM_RUN failed: {e}"))),
+            Err(e) => Some(self.crash(fd, &format!("KVM_RUN failed: {e}"))),
         }
     }
 
     /// A crash request carrying the vCPU's registers, so the user sees where it died.
-    fn crash(&self, what: &str) -> ExitRequest {
+    fn crash(&self, fd: &VcpuFd, what: &str) -> ExitRequest {
         let mut msg = format!("vCPU {}: {what}", self.id);
-        match (self.fd.get_regs(), self.fd.get_sregs()) {
+        match (fd.get_regs(), fd.get_sregs()) {
             (Ok(r), Ok(s)) => msg.push_str(&format!(
                 "\n  rip={:#018x} rsp={:#018x} rflags={:#010x}\n  rax={:#018x} rbx={:#018x} rcx={:#018x} rdx={:#018x}\n  rsi={:#018x} rdi={:#018x} rbp={:#018x}\n  cs={:#06x} ss={:#06x} cr0={:#x} cr2={:#x} cr3={:#x} cr4={:#x} efer={:#x}",
                 r.rip, r.rsp, r.rflags, r.rax, r.rbx, r.rcx, r.rdx, r.rsi, r.rdi, r.rbp,

@@ -6,6 +6,7 @@
 use std::sync::{Arc, Mutex};
 
 use devices::bus::{Bus, BusError};
+use devices::state::{ComponentState, StateError, Stateful};
 use devices::virtio::block::{Block, BlockConfig, RawFile};
 use devices::virtio::mmio::{MmioTransport, TransportError, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::net::{FilterChain, Net, Tap};
@@ -147,6 +148,58 @@ impl VirtioDevices {
     /// Readable when a driver set DRIVER_OK: call [`VirtioDevices::activate_pending`].
     pub fn activation_eventfd(&self) -> &EventFd {
         &self.activate_evt
+    }
+
+    /// Stops every device's data path (VM pause, snapshot); the guest does not notice.
+    pub fn pause_all(&self) {
+        for t in &self.transports {
+            match t.lock() {
+                Ok(mut t) => t.pause_device(),
+                Err(p) => p.into_inner().pause_device(),
+            }
+        }
+    }
+
+    /// Restarts what [`VirtioDevices::pause_all`] stopped (or a restore left paused).
+    pub fn resume_all(&self) {
+        for t in &self.transports {
+            match t.lock() {
+                Ok(mut t) => t.resume_device(),
+                Err(p) => p.into_inner().resume_device(),
+            }
+        }
+    }
+
+    /// Every transport's state, in slot order.
+    pub fn save_all(&self) -> Result<Vec<ComponentState>, StateError> {
+        self.transports
+            .iter()
+            .map(|t| match t.lock() {
+                Ok(t) => t.save_state(),
+                Err(p) => p.into_inner().save_state(),
+            })
+            .collect()
+    }
+
+    /// Restores every transport from `states` (same devices, same order).
+    pub fn restore_all(&self, states: &[ComponentState]) -> Result<(), StateError> {
+        if states.len() != self.transports.len() {
+            return Err(StateError::Mismatch {
+                kind: "virtio devices".into(),
+                why: format!(
+                    "{} saved, {} configured",
+                    states.len(),
+                    self.transports.len()
+                ),
+            });
+        }
+        for (t, s) in self.transports.iter().zip(states) {
+            match t.lock() {
+                Ok(mut t) => t.restore_state(s)?,
+                Err(p) => p.into_inner().restore_state(s)?,
+            }
+        }
+        Ok(())
     }
 
     /// Starts the data path of every device whose driver became ready (control-loop thread).

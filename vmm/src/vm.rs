@@ -25,7 +25,9 @@ use crate::cpu::{configure_vcpu, vcpu_cpuid, CpuError};
 use crate::layout::{KVM_IDENTITY_MAP_ADDRESS, KVM_TSS_ADDRESS};
 use crate::memory::{create_guest_memory, GuestMemory, MemoryError};
 use crate::seccomp::{SeccompMode, ThreadKind};
-use crate::vcpu::{install_kick_handler, ExitCounters, Vcpu, VcpuContext, VcpuControl};
+use crate::vcpu::{
+    install_kick_handler, ExitCounters, SharedVcpuFd, Vcpu, VcpuContext, VcpuControl,
+};
 use crate::virtio_devices::{block_device, net_device, VirtioAttachError, VirtioDevices};
 use api::{DeviceInfo, VmInfo, VmState};
 
@@ -114,24 +116,48 @@ impl From<ExitRequest> for VmOutcome {
 }
 
 /// A VM: built by [`Vm::new`], then booted, paused, resumed and shut down.
+///
+/// Fields drop in order: KVM's handles first, guest memory last, so KVM never maps memory
+/// that is gone (`Drop` has already stopped the vCPU threads).
 pub struct Vm {
-    config: VmConfig,
-    state: VmState,
-    memory: GuestMemory,
+    pub(crate) fd: VmFd,
+    pub(crate) vcpu_fds: Vec<SharedVcpuFd>,
     pending: Vec<Vcpu>,
     threads: Vec<JoinHandle<()>>,
+    pub(crate) kvm: Kvm,
+    pub(crate) config: VmConfig,
+    pub(crate) state: VmState,
     control: Arc<VcpuControl>,
     exit: Arc<VmExitEvent>,
     exits: Arc<ExitCounters>,
-    virtio: VirtioDevices,
+    pub(crate) virtio: VirtioDevices,
     devices: Vec<DeviceInfo>,
-    // Dropped last: KVM must not outlive the memory it maps, nor the memory the devices use.
-    _fd: VmFd,
+    pub(crate) serial: Arc<Mutex<SerialPort>>,
+    pub(crate) memory: GuestMemory,
+}
+
+/// How a VM's memory and vCPUs start.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Start {
+    /// Load the kernel and boot it.
+    Boot,
+    /// Leave memory and vCPUs for a restore to fill in.
+    Restore,
 }
 
 impl Vm {
     /// Builds the VM: KVM VM, memory, interrupt controllers, devices, payload, vCPUs.
     pub fn new(config: &VmConfig, console: &Console, seccomp: SeccompMode) -> Result<Self> {
+        Self::build(config, console, seccomp, Start::Boot)
+    }
+
+    /// Builds the VM's hardware; with [`Start::Boot`] also loads the kernel.
+    pub fn build(
+        config: &VmConfig,
+        console: &Console,
+        seccomp: SeccompMode,
+        start: Start,
+    ) -> Result<Self> {
         let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
         let fd = create_vm_fd(&kvm)?;
         let memory = create_guest_memory(config.memory.size)?;
@@ -145,14 +171,20 @@ impl Vm {
         let virtio = create_virtio_devices(&fd, &mut mmio, &memory, config, seccomp)?;
         let mmio = Arc::new(mmio);
 
-        let rsdp = create_acpi_tables(&memory, config.cpus.boot, virtio.slots())?;
-        let mut payload = config.payload.clone();
-        for slot in virtio.slots() {
-            payload.cmdline.push(' ');
-            payload.cmdline.push_str(&slot.cmdline_word());
-        }
-        let entry = load_payload(&memory, &payload, rsdp)?;
-        log::info!("boot entry: {entry:?}");
+        let entry = match start {
+            Start::Boot => {
+                let rsdp = create_acpi_tables(&memory, config.cpus.boot, virtio.slots())?;
+                let mut payload = config.payload.clone();
+                for slot in virtio.slots() {
+                    payload.cmdline.push(' ');
+                    payload.cmdline.push_str(&slot.cmdline_word());
+                }
+                let entry = load_payload(&memory, &payload, rsdp)?;
+                log::info!("boot entry: {entry:?}");
+                Some(entry)
+            }
+            Start::Restore => None,
+        };
 
         let control = Arc::new(VcpuControl::default());
         let exits = Arc::new(ExitCounters::default());
@@ -164,8 +196,8 @@ impl Vm {
             exits: exits.clone(),
             seccomp,
         };
-        let pending = create_vcpus(&kvm, &fd, config.cpus.boot, entry, &ctx)?;
-        console.attach(serial);
+        let (pending, vcpu_fds) = create_vcpus(&kvm, &fd, config.cpus.boot, entry, &ctx)?;
+        console.attach(serial.clone());
         let mut devices = vec![DeviceInfo {
             id: "com1".into(),
             kind: "serial".into(),
@@ -184,7 +216,10 @@ impl Vm {
             exits,
             virtio,
             devices,
-            _fd: fd,
+            serial,
+            vcpu_fds,
+            kvm,
+            fd,
         })
     }
 
@@ -227,11 +262,7 @@ impl Vm {
     /// Starts the vCPUs.
     pub fn boot(&mut self) -> Result<()> {
         self.expect_state("boot", &[VmState::Created])?;
-        install_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
-        for vcpu in self.pending.drain(..) {
-            self.threads
-                .push(vcpu.spawn().map_err(io_err("starting a vCPU thread"))?);
-        }
+        self.start_vcpu_threads()?;
         self.state = VmState::Running;
         Ok(())
     }
@@ -243,15 +274,32 @@ impl Vm {
             self.control.resume();
             return Err(VmError::PauseTimeout);
         }
+        // After the vCPUs, so no new request reaches a device that is stopping.
+        self.virtio.pause_all();
         self.state = VmState::Paused;
         Ok(())
     }
 
-    /// Lets paused vCPUs run again.
+    /// Lets a paused (or just restored) VM run again.
     pub fn resume(&mut self) -> Result<()> {
         self.expect_state("resume", &[VmState::Paused])?;
-        self.control.resume();
+        self.virtio.resume_all();
+        if self.pending.is_empty() {
+            self.control.resume();
+        } else {
+            // A restored VM's vCPU threads have not started yet.
+            self.start_vcpu_threads()?;
+        }
         self.state = VmState::Running;
+        Ok(())
+    }
+
+    fn start_vcpu_threads(&mut self) -> Result<()> {
+        install_kick_handler().map_err(io_err("installing the vCPU kick handler"))?;
+        for vcpu in self.pending.drain(..) {
+            self.threads
+                .push(vcpu.spawn().map_err(io_err("starting a vCPU thread"))?);
+        }
         Ok(())
     }
 
@@ -327,6 +375,11 @@ fn create_vm_fd(kvm: &Kvm) -> Result<VmFd> {
 }
 
 fn register_memory(fd: &VmFd, memory: &GuestMemory) -> Result<()> {
+    set_memory_slots(fd, memory, 0)
+}
+
+/// (Re-)registers every RAM region as KVM slot `index` with `flags` (e.g. dirty logging).
+pub(crate) fn set_memory_slots(fd: &VmFd, memory: &GuestMemory, flags: u32) -> Result<()> {
     for (slot, region) in memory.iter().enumerate() {
         let host = memory
             .get_host_address(region.start_addr())
@@ -336,13 +389,13 @@ fn register_memory(fd: &VmFd, memory: &GuestMemory) -> Result<()> {
             })?;
         let desc = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags,
             guest_phys_addr: region.start_addr().0,
             memory_size: region.len(),
             userspace_addr: host as u64,
         };
-        // SAFETY: the region stays mapped for the VM's lifetime (`Vm` owns `memory`, and the
-        // VM fd is dropped before it), and slots do not overlap.
+        // SAFETY: the region stays mapped for the VM's lifetime (`Vm` owns `memory` and drops
+        // the VM fd before it), and slots do not overlap.
         unsafe { fd.set_user_memory_region(desc) }
             .map_err(kvm_err("KVM_SET_USER_MEMORY_REGION"))?;
     }
@@ -364,10 +417,8 @@ fn create_serial(fd: &VmFd, console: &Console) -> Result<Arc<Mutex<SerialPort>>>
     let irq = EventFd::new(libc::EFD_NONBLOCK).map_err(io_err("serial eventfd"))?;
     fd.register_irqfd(&irq, COM1_IRQ)
         .map_err(kvm_err("KVM_IRQFD (COM1)"))?;
-    Ok(Arc::new(Mutex::new(SerialPort::new(
-        irq,
-        console.output()?,
-    ))))
+    let port = SerialPort::new(irq, console.output()?).map_err(io_err("serial eventfd"))?;
+    Ok(Arc::new(Mutex::new(port)))
 }
 
 fn create_pio_bus(serial: Arc<Mutex<SerialPort>>, exit: Arc<VmExitEvent>) -> Result<Bus> {
@@ -432,20 +483,23 @@ fn create_vcpus(
     kvm: &Kvm,
     fd: &VmFd,
     count: u8,
-    entry: BootEntry,
+    entry: Option<BootEntry>,
     ctx: &VcpuContext,
-) -> Result<Vec<Vcpu>> {
+) -> Result<(Vec<Vcpu>, Vec<SharedVcpuFd>)> {
     let base_cpuid = kvm
         .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
         .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-    (0..count)
-        .map(|id| {
-            let vcpu = fd
-                .create_vcpu(id.into())
-                .map_err(kvm_err("KVM_CREATE_VCPU"))?;
-            let boot = (id == 0).then_some(entry);
-            configure_vcpu(&vcpu, id, &vcpu_cpuid(&base_cpuid, id, count), boot)?;
-            Ok(Vcpu::new(id, vcpu, ctx.clone()))
-        })
-        .collect()
+    let mut vcpus = Vec::with_capacity(count.into());
+    let mut fds = Vec::with_capacity(count.into());
+    for id in 0..count {
+        let vcpu = fd
+            .create_vcpu(id.into())
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let boot = entry.filter(|_| id == 0);
+        configure_vcpu(&vcpu, id, &vcpu_cpuid(&base_cpuid, id, count), boot)?;
+        let shared: SharedVcpuFd = Arc::new(Mutex::new(vcpu));
+        fds.push(shared.clone());
+        vcpus.push(Vcpu::new(id, shared, ctx.clone()));
+    }
+    Ok((vcpus, fds))
 }

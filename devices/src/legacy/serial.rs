@@ -84,14 +84,39 @@ impl Write for SerialOutput {
 /// The UART as a bus device, plus the input path used by the VMM's console reader.
 pub struct SerialPort {
     uart: Serial<IrqTrigger, vm_superio::serial::NoEvents, SerialOutput>,
+    irq: EventFd,
 }
+
+/// The UART's registers and receive FIFO, for save/restore (vm-superio's `SerialState` has
+/// no serde).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+struct SerialSnapshot {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
+const STATE_KIND: &str = "serial-16550";
+const STATE_VERSION: u32 = 1;
+/// The 16550's receive FIFO depth: a state claiming more is not from a 16550.
+const FIFO_SIZE: usize = 64;
 
 impl SerialPort {
     /// A UART raising `irq` and writing to `out`.
-    pub fn new(irq: EventFd, out: SerialOutput) -> Self {
-        Self {
-            uart: Serial::new(IrqTrigger(irq), out),
-        }
+    pub fn new(irq: EventFd, out: SerialOutput) -> io::Result<Self> {
+        // A second handle lets a restore rebuild the UART around the same interrupt.
+        let trigger = IrqTrigger(irq.try_clone()?);
+        Ok(Self {
+            uart: Serial::new(trigger, out),
+            irq,
+        })
     }
 
     /// Queues console input for the guest; returns how many bytes fit in the receive FIFO.
@@ -126,14 +151,84 @@ impl BusDevice for SerialPort {
     }
 }
 
+impl crate::state::Stateful for SerialPort {
+    fn save_state(&self) -> Result<crate::state::ComponentState, crate::state::StateError> {
+        let s = self.uart.state();
+        let snap = SerialSnapshot {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        };
+        crate::state::ComponentState::encode(STATE_KIND, STATE_VERSION, &snap)
+    }
+
+    fn restore_state(
+        &mut self,
+        state: &crate::state::ComponentState,
+    ) -> Result<(), crate::state::StateError> {
+        let s: SerialSnapshot = state.decode(STATE_KIND, STATE_VERSION)?;
+        let fail = |why: String| crate::state::StateError::Mismatch {
+            kind: STATE_KIND.into(),
+            why,
+        };
+        if s.in_buffer.len() > FIFO_SIZE {
+            return Err(fail(format!("{} bytes in a 64-byte FIFO", s.in_buffer.len())));
+        }
+        let irq = self.irq.try_clone().map_err(|e| fail(e.to_string()))?;
+        let out = self.uart.writer().try_clone().map_err(|e| fail(e.to_string()))?;
+        let state = vm_superio::SerialState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        };
+        self.uart = Serial::from_state(&state, IrqTrigger(irq), vm_superio::serial::NoEvents, out)
+            .map_err(|e| fail(format!("{e:?}")))?;
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::state::Stateful;
+
+    #[test]
+    fn state_round_trip_keeps_registers_and_fifo() {
+        let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+        let mut a = SerialPort::new(irq, SerialOutput::Sink).unwrap();
+        a.write(1, &[1]); // IER
+        a.write(7, &[0x5a]); // scratch
+        a.enqueue_input(b"abc");
+        let saved = a.save_state().unwrap();
+        let mut b =
+            SerialPort::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), SerialOutput::Sink).unwrap();
+        b.restore_state(&saved).unwrap();
+        assert_eq!(b.save_state().unwrap(), saved);
+        let mut x = [0u8];
+        b.read(0, &mut x);
+        assert_eq!(x[0], b'a');
+        b.read(7, &mut x);
+        assert_eq!(x[0], 0x5a);
+    }
 
     #[test]
     fn input_raises_interrupt_and_reads_back() {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut port = SerialPort::new(irq.try_clone().unwrap(), SerialOutput::Sink);
+        let mut port = SerialPort::new(irq.try_clone().unwrap(), SerialOutput::Sink).unwrap();
         port.write(1, &[1]); // IER: receive-data interrupt on
         assert_eq!(port.enqueue_input(b"hi"), 2);
         assert!(irq.read().unwrap() >= 1);
@@ -145,7 +240,7 @@ mod tests {
     #[test]
     fn full_fifo_takes_nothing_more() {
         let irq = EventFd::new(libc::EFD_NONBLOCK).unwrap();
-        let mut port = SerialPort::new(irq, SerialOutput::Sink);
+        let mut port = SerialPort::new(irq, SerialOutput::Sink).unwrap();
         let big = vec![b'x'; 1000];
         let n = port.enqueue_input(&big);
         assert!(n > 0 && n < big.len());

@@ -51,6 +51,8 @@ pub enum DeviceLifecycle {
     Activating,
     /// DRIVER_OK seen and the data path running.
     Active,
+    /// Data path stopped by the VMM (VM paused, snapshot); the guest sees it as running.
+    Paused,
     /// Activation failed; waits for the driver to reset it.
     Failed,
 }
@@ -146,6 +148,33 @@ impl MmioTransport {
     /// Runs on every worker thread the device starts.
     pub fn set_worker_init(&mut self, init: WorkerInit) {
         self.worker_init = Some(init);
+    }
+
+    /// Stops the data path without the guest noticing, taking back the queues with their ring
+    /// positions: nothing touches guest memory until [`MmioTransport::resume_device`].
+    pub fn pause_device(&mut self) {
+        if self.lifecycle != DeviceLifecycle::Active {
+            return;
+        }
+        let queues = self.device.reset();
+        if queues.len() == self.queues.len() {
+            self.queues = queues;
+        } else {
+            log::error!(
+                "virtio: device type {} returned {} of {} queues on pause",
+                self.device.device_type(),
+                queues.len(),
+                self.queues.len()
+            );
+        }
+        self.lifecycle = DeviceLifecycle::Paused;
+    }
+
+    /// Restarts a paused data path where it stopped.
+    pub fn resume_device(&mut self) {
+        if self.lifecycle == DeviceLifecycle::Paused {
+            self.activate();
+        }
     }
 
     /// Starts the device if DRIVER_OK arrived since the last call.
@@ -282,6 +311,7 @@ impl MmioTransport {
 
     fn reset(&mut self) {
         if self.lifecycle == DeviceLifecycle::Active {
+            // The driver's reset discards ring positions, so the returned queues are not needed.
             self.device.reset();
         }
         for q in &mut self.queues {
@@ -424,9 +454,10 @@ impl Stateful for MmioTransport {
         self.lifecycle = DeviceLifecycle::Inactive;
         if matches!(
             s.lifecycle,
-            DeviceLifecycle::Active | DeviceLifecycle::Activating
+            DeviceLifecycle::Active | DeviceLifecycle::Activating | DeviceLifecycle::Paused
         ) {
-            self.activate();
+            // Started by resume_device once the whole VM is restored.
+            self.lifecycle = DeviceLifecycle::Paused;
         }
         Ok(())
     }
@@ -636,6 +667,21 @@ mod tests {
         fresh.restore_state(&saved).unwrap();
         assert_eq!(fresh.save_state().unwrap(), saved);
         assert_eq!(act.load(Ordering::SeqCst), 0, "not active when saved");
+
+        // A running device pauses, saves, and comes back active on the other side.
+        let all = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+        wr(&mut t, 0x70, all);
+        assert_eq!(t.lifecycle(), DeviceLifecycle::Active);
+        t.pause_device();
+        assert_eq!(t.lifecycle(), DeviceLifecycle::Paused);
+        let running = t.save_state().unwrap();
+        let (mut other, act2, _) = transport(false);
+        other.restore_state(&running).unwrap();
+        assert_eq!(other.lifecycle(), DeviceLifecycle::Paused);
+        assert_eq!(act2.load(Ordering::SeqCst), 0, "restore does not start workers");
+        other.resume_device();
+        assert_eq!(other.lifecycle(), DeviceLifecycle::Active);
+        assert_eq!(act2.load(Ordering::SeqCst), 1);
 
         let mut wrong = saved.clone();
         wrong.version = 99;

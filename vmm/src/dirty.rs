@@ -1,0 +1,123 @@
+//! Which guest pages changed: KVM's dirty log (writes by vCPUs) OR'ed with the bitmap of
+//! writes the VMM itself makes into guest memory (virtio used rings, rx buffers, disk reads).
+//! Without the second half a migration or checkpoint would silently lose device writes.
+
+use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::vm::{set_memory_slots, Vm, VmError};
+
+/// Bits per bitmap word; one bit per 4 KiB page.
+pub const PAGE_SIZE: u64 = 4096;
+
+/// One region's dirty pages: bit `i` of word `i / 64` covers page `i` from `gpa`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    /// Guest-physical start of the region.
+    pub gpa: u64,
+    /// Region length in bytes.
+    pub len: u64,
+    /// The bits.
+    pub words: Vec<u64>,
+}
+
+impl DirtyBitmap {
+    /// Number of dirty pages.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Whether the page holding `gpa` is dirty.
+    pub fn is_dirty(&self, gpa: u64) -> bool {
+        let Some(page) = gpa.checked_sub(self.gpa).map(|o| o / PAGE_SIZE) else {
+            return false;
+        };
+        self.words
+            .get((page / 64) as usize)
+            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+}
+
+impl Vm {
+    /// Starts logging: KVM tracks vCPU writes from now on; the VMM's bitmap starts empty.
+    pub fn start_dirty_log(&self) -> Result<(), VmError> {
+        set_memory_slots(&self.fd, &self.memory, KVM_MEM_LOG_DIRTY_PAGES)?;
+        for region in self.memory.iter() {
+            std::ops::Deref::deref(region).bitmap().reset();
+        }
+        Ok(())
+    }
+
+    /// Stops KVM's logging.
+    pub fn stop_dirty_log(&self) -> Result<(), VmError> {
+        set_memory_slots(&self.fd, &self.memory, 0)
+    }
+
+    /// Pages written since the last call (or since logging started), both by vCPUs and by the
+    /// VMM; reading clears both logs.
+    pub fn take_dirty(&self) -> Result<Vec<DirtyBitmap>, VmError> {
+        self.memory
+            .iter()
+            .enumerate()
+            .map(|(slot, region)| {
+                let len = region.len();
+                let mut words =
+                    self.fd
+                        .get_dirty_log(slot as u32, len as usize)
+                        .map_err(|source| VmError::Kvm {
+                            what: "KVM_GET_DIRTY_LOG",
+                            source,
+                        })?;
+                let vmm = std::ops::Deref::deref(region).bitmap().get_and_reset();
+                for (w, v) in words.iter_mut().zip(vmm) {
+                    *w |= v;
+                }
+                Ok(DirtyBitmap {
+                    gpa: region.start_addr().0,
+                    len,
+                    words,
+                })
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{MemoryConfig, PayloadConfig, SerialConfig, VmConfig};
+    use crate::console::Console;
+    use crate::seccomp::SeccompMode;
+    use crate::vm::Start;
+    use vm_memory::{Bytes, GuestAddress};
+
+    #[test]
+    fn vmm_writes_are_in_the_dirty_set() {
+        let config = VmConfig {
+            payload: PayloadConfig {
+                kernel: "/nonexistent".into(),
+                initramfs: None,
+                cmdline: String::new(),
+            },
+            memory: MemoryConfig { size: 32 << 20 },
+            cpus: Default::default(),
+            serial: SerialConfig::Off,
+            disks: Vec::new(),
+            nets: Vec::new(),
+        };
+        let console = Console::open(&SerialConfig::Off).unwrap();
+        let vm = Vm::build(&config, &console, SeccompMode::Off, Start::Restore).unwrap();
+        vm.start_dirty_log().unwrap();
+        assert_eq!(vm.take_dirty().unwrap()[0].count(), 0, "clean after start");
+        // What a device does: write into guest memory through the VMM's mapping. KVM's log
+        // cannot see this; only the VMM's bitmap can.
+        vm.memory()
+            .write_slice(&[0xab; 8], GuestAddress(5 * PAGE_SIZE + 100))
+            .unwrap();
+        let dirty = vm.take_dirty().unwrap();
+        assert!(dirty[0].is_dirty(5 * PAGE_SIZE), "device write lost");
+        assert_eq!(dirty[0].count(), 1);
+        assert_eq!(vm.take_dirty().unwrap()[0].count(), 0, "reading clears");
+        vm.stop_dirty_log().unwrap();
+    }
+}
