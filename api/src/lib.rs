@@ -25,6 +25,7 @@ pub use http::{
     parse_api_socket, start_http_server, start_http_server_with_init, HttpError, HttpServer,
     ThreadInit,
 };
+pub use http::{MigrationUrl, ValidationError};
 
 /// One action asked of the VMM.
 #[derive(Debug, Clone, PartialEq)]

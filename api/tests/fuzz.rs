@@ -118,7 +118,10 @@ fn thousands_of_hostile_requests() {
     assert!(
         vmm.seen().iter().all(|r| matches!(
             r,
-            api::ApiRequest::VmmPing | api::ApiRequest::VmInfo | api::ApiRequest::VmCounters
+            api::ApiRequest::VmmPing
+                | api::ApiRequest::VmInfo
+                | api::ApiRequest::VmCounters
+                | api::ApiRequest::VmMigrationStatus
         )),
         "a fuzz case reached the control loop with a state change"
     );

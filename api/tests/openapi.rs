@@ -143,6 +143,36 @@ fn schemas_match_the_wire_types() {
     })
     .unwrap();
     let error = serde_json::to_value(api::ApiError::new(400, "e")).unwrap();
+    let snapshot = serde_json::to_value(api::VmSnapshotConfig {
+        destination_url: "file:///s".into(),
+    })
+    .unwrap();
+    let restore = serde_json::to_value(api::VmRestoreConfig {
+        source_url: "file:///s".into(),
+    })
+    .unwrap();
+    let send = serde_json::to_value(api::SendMigrationData {
+        destination_url: "tcp:h:1".into(),
+        downtime_ms: None,
+        channels: None,
+    })
+    .unwrap();
+    let receive = serde_json::to_value(api::ReceiveMigrationData {
+        receiver_url: "unix:/m".into(),
+    })
+    .unwrap();
+    let status = serde_json::to_value(api::MigrationStatus {
+        phase: api::MigrationPhase::Idle,
+        round: 0,
+        bytes: 0,
+        total_bytes: 0,
+        dirty_rate: 0,
+        eta_ms: 0,
+        downtime_ms: None,
+        elapsed_ms: 0,
+        error: None,
+    })
+    .unwrap();
     let cases = [
         ("VmConfig", &config),
         ("PayloadConfig", &config["payload"]),
@@ -154,6 +184,11 @@ fn schemas_match_the_wire_types() {
         ("DeviceInfo", &info["devices"][0]),
         ("VmmPingResponse", &ping),
         ("ErrorBody", &error),
+        ("VmSnapshotConfig", &snapshot),
+        ("VmRestoreConfig", &restore),
+        ("SendMigrationData", &send),
+        ("ReceiveMigrationData", &receive),
+        ("MigrationStatus", &status),
     ];
     for (schema, value) in cases {
         let in_spec = spec_properties(&spec, schema);
@@ -187,4 +222,74 @@ fn schemas_match_the_wire_types() {
     })
     .collect();
     assert_eq!(states, wire_states);
+
+    let phases = enum_values(&spec, "MigrationPhase");
+    let wire_phases: BTreeSet<String> = [
+        api::MigrationPhase::Idle,
+        api::MigrationPhase::Active,
+        api::MigrationPhase::Completed,
+        api::MigrationPhase::Failed,
+    ]
+    .iter()
+    .map(|p| {
+        serde_json::to_value(p)
+            .unwrap()
+            .as_str()
+            .unwrap()
+            .to_string()
+    })
+    .collect();
+    assert_eq!(phases, wire_phases);
+}
+
+fn enum_values(spec: &Yaml, schema: &str) -> BTreeSet<String> {
+    spec["components"]["schemas"][schema]["enum"]
+        .as_sequence()
+        .unwrap_or_else(|| panic!("{schema} enum"))
+        .iter()
+        .filter_map(|v| v.as_str().map(String::from))
+        .collect()
+}
+
+/// A route takes a request body in the spec exactly when the server parses one, of the same
+/// schema, and that schema refuses unknown fields as serde does.
+#[test]
+fn request_bodies_match_the_routes() {
+    let spec = spec();
+    let base = base_path(&spec);
+    for r in ROUTES {
+        let path = r
+            .path
+            .strip_prefix(base.as_str())
+            .expect("under the base path");
+        let op = &spec["paths"][path][r.method.as_str().to_lowercase()];
+        let schema_ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+            .as_str()
+            .map(|s| s.trim_start_matches("#/components/schemas/").to_string());
+        assert_eq!(
+            schema_ref.as_deref(),
+            r.action.body(),
+            "{} {}",
+            r.method.as_str(),
+            r.path
+        );
+        if let Some(schema) = r.action.body() {
+            assert_eq!(
+                op["requestBody"]["required"].as_bool(),
+                Some(true),
+                "{}",
+                r.path
+            );
+            assert_eq!(
+                spec["components"]["schemas"][schema]["additionalProperties"].as_bool(),
+                Some(false),
+                "{schema} must refuse unknown fields"
+            );
+            assert!(
+                op["responses"].get("400").is_some(),
+                "{} documents its 400",
+                r.path
+            );
+        }
+    }
 }

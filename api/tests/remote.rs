@@ -177,3 +177,214 @@ fn unreachable_server_and_bad_usage() {
     let o = remote(Path::new("/x"), &["frobnicate"], None);
     assert_eq!(o.code, 2);
 }
+
+#[test]
+fn snapshot_restore_and_receive() {
+    let s = setup("snapshot");
+    for (args, msg) in [
+        (
+            ["snapshot", "file:///var/snap"],
+            "VM snapshot written to file:///var/snap",
+        ),
+        (
+            ["restore", "file:///var/snap"],
+            "VM restored from file:///var/snap (paused)",
+        ),
+        (
+            ["receive-migration", "tcp:0.0.0.0:6000"],
+            "waiting for a migration on tcp:0.0.0.0:6000",
+        ),
+    ] {
+        let o = remote(&s.socket, &args, None);
+        assert_eq!((o.code, o.stdout.trim()), (0, msg), "{}", o.stderr);
+    }
+
+    let o = remote(&s.socket, &["snapshot", "file:///conflict"], None);
+    assert_eq!(o.code, 1);
+    assert!(
+        o.stderr
+            .contains("the VM must be paused to snapshot it (HTTP 409)"),
+        "{}",
+        o.stderr
+    );
+
+    let o = remote(&s.socket, &["migration-status"], None);
+    assert_eq!(
+        (o.code, o.stdout.trim()),
+        (0, "phase  idle"),
+        "{}",
+        o.stderr
+    );
+    let o = remote(&s.socket, &["migration-status", "--json"], None);
+    let st: api::MigrationStatus = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(st.phase, api::MigrationPhase::Idle);
+}
+
+#[test]
+fn bad_urls_and_values_are_refused_before_sending() {
+    let s = setup("badargs");
+    for (args, want) in [
+        (
+            &["snapshot", "/var/snap"][..],
+            r#"invalid argument: destination_url "/var/snap": expected file:///DIR"#,
+        ),
+        (&["restore", "tcp:h:1"][..], r#"source_url "tcp:h:1""#),
+        (
+            &["send-migration", "file:///x"][..],
+            "expected tcp:HOST:PORT or unix:PATH",
+        ),
+        (
+            &["send-migration", "tcp:h:1", "--downtime-ms", "0"][..],
+            "downtime_ms 0 is out of range 1..=60000",
+        ),
+        (
+            &["send-migration", "tcp:h:1", "--channels", "17"][..],
+            "channels 17 is out of range 1..=16",
+        ),
+        (&["receive-migration", "unix:m.sock"][..], "absolute PATH"),
+    ] {
+        let o = remote(&s.socket, args, None);
+        assert_eq!(o.code, 2, "{args:?}: {}", o.stderr);
+        assert!(o.stderr.contains(want), "{args:?}: {}", o.stderr);
+    }
+    let o = remote(
+        &s.socket,
+        &["send-migration", "tcp:h:1", "--channels", "-1"],
+        None,
+    );
+    assert_eq!(o.code, 2, "clap refuses it: {}", o.stderr);
+    let o = remote(&s.socket, &["migration-status"], None);
+    assert_eq!(o.stdout.trim(), "phase  idle", "nothing was started");
+}
+
+#[test]
+fn send_migration_without_waiting() {
+    let s = setup("send");
+    let o = remote(
+        &s.socket,
+        &[
+            "send-migration",
+            "unix:/run/m.sock",
+            "--downtime-ms",
+            "500",
+            "--channels",
+            "4",
+        ],
+        None,
+    );
+    assert_eq!(
+        (o.code, o.stdout.trim()),
+        (0, "migration to unix:/run/m.sock started"),
+        "{}",
+        o.stderr
+    );
+    let o = remote(&s.socket, &["send-migration", "tcp:10.0.0.2:6000"], None);
+    assert_eq!(o.code, 1);
+    assert!(
+        o.stderr
+            .contains("a migration is already running (HTTP 409)"),
+        "{}",
+        o.stderr
+    );
+    let o = remote(&s.socket, &["migration-status"], None);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    for want in [
+        "phase        active",
+        "round        1",
+        "transferred  256.0 MiB of 512.0 MiB (50%)",
+        "dirty rate   64.0 MiB/s",
+        "eta          800 ms",
+    ] {
+        assert!(o.stdout.contains(want), "missing {want:?} in\n{}", o.stdout);
+    }
+}
+
+#[test]
+fn send_migration_waits_until_completed() {
+    let s = setup("wait-ok");
+    let start = std::time::Instant::now();
+    let o = remote(
+        &s.socket,
+        &["send-migration", "tcp:10.0.0.2:6000", "--wait"],
+        None,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(
+        o.stdout.trim(),
+        "migration completed: 548.0 MiB sent in 3 rounds, 800 ms, downtime 12.5 ms"
+    );
+    // Not a terminal: one progress line per round or phase change.
+    let lines: Vec<&str> = o.stderr.lines().collect();
+    assert_eq!(lines.len(), 3, "{}", o.stderr);
+    assert!(
+        lines[0].starts_with("migration [############------------]  50%  round 1"),
+        "{}",
+        o.stderr
+    );
+    assert!(lines[0].contains("256.0 MiB/512.0 MiB  dirty 64.0 MiB/s  ETA 800 ms"));
+    assert!(lines[1].contains("100%  round 2"), "{}", o.stderr);
+    assert!(lines[2].ends_with("round 3  548.0 MiB/512.0 MiB  dirty 16.0 MiB/s  completed"));
+    // Four polls, 200 ms apart.
+    assert!(start.elapsed() >= std::time::Duration::from_millis(600));
+}
+
+#[test]
+fn send_migration_waits_until_failed() {
+    let s = setup("wait-fail");
+    let o = remote(
+        &s.socket,
+        &["send-migration", "tcp:fail.example:6000", "--wait"],
+        None,
+    );
+    assert_eq!(o.code, 1, "{}", o.stderr);
+    assert_eq!(o.stdout, "");
+    assert!(
+        o.stderr.trim_end().ends_with(
+            "colovmm-remote: migration failed: sending round 2: connection reset by peer"
+        ),
+        "{}",
+        o.stderr
+    );
+    assert!(o.stderr.contains("round 2"), "{}", o.stderr);
+    assert!(o.stderr.contains("failed"), "{}", o.stderr);
+}
+
+#[test]
+fn send_migration_wait_json() {
+    let s = setup("wait-json");
+    let o = remote(
+        &s.socket,
+        &["--json", "send-migration", "unix:/run/m.sock", "--wait"],
+        None,
+    );
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    assert_eq!(o.stderr, "", "no progress bar with --json");
+    let statuses: Vec<api::MigrationStatus> = o
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l}: {e}")))
+        .collect();
+    assert_eq!(statuses.len(), 4);
+    assert!(statuses[..3]
+        .iter()
+        .all(|s| s.phase == api::MigrationPhase::Active));
+    let last = statuses.last().unwrap();
+    assert_eq!(last.phase, api::MigrationPhase::Completed);
+    assert_eq!(last.downtime_ms, Some(12.5));
+
+    let s = setup("wait-json-fail");
+    let o = remote(
+        &s.socket,
+        &["send-migration", "--json", "unix:/run/fail.sock", "--wait"],
+        None,
+    );
+    assert_eq!(o.code, 1);
+    let last: api::MigrationStatus =
+        serde_json::from_str(o.stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(last.phase, api::MigrationPhase::Failed);
+    assert!(
+        o.stderr.contains("migration failed: sending round 2"),
+        "{}",
+        o.stderr
+    );
+}

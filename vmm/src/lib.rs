@@ -15,6 +15,7 @@ pub mod dirty;
 pub mod layout;
 pub mod logger;
 pub mod memory;
+pub mod migration;
 pub mod seccomp;
 pub mod snapshot;
 pub mod vcpu;

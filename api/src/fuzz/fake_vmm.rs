@@ -1,5 +1,6 @@
 //! A stand-in for the VMM's control loop: a thread that answers each [`ApiRequest`] with
-//! fixed data, so the server can be tested without a VM.
+//! fixed data, so the server can be tested without a VM, plus a simulated migration
+//! ([`simulated_answer`]) whose status moves on at each `vm.migration-status` poll.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -7,8 +8,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use crate::{
-    ApiError, ApiReceiver, ApiRequest, ApiResponse, DeviceInfo, VmConfig, VmInfo, VmState,
-    VmmPingResponse,
+    ApiError, ApiReceiver, ApiRequest, ApiResponse, DeviceInfo, MigrationPhase, MigrationStatus,
+    VmConfig, VmInfo, VmState, VmmPingResponse,
 };
 
 /// How a fake loop answers.
@@ -22,9 +23,9 @@ pub struct FakeVmm {
 }
 
 impl FakeVmm {
-    /// Serves `rx` with [`fixed_answer`].
+    /// Serves `rx` with [`simulated_answer`] (the fixed answers plus a simulated migration).
     pub fn start(rx: ApiReceiver) -> Self {
-        Self::with_answer(rx, Box::new(fixed_answer))
+        Self::with_answer(rx, simulated_answer())
     }
 
     /// Serves `rx` with `answer`.
@@ -81,26 +82,135 @@ fn wait_readable(rx: &ApiReceiver) {
     unsafe { libc::poll(&mut fd, 1, 20) };
 }
 
-/// The fixed answers: ping and info and counters get sample data, `VmCreate` of a kernel
-/// named `/conflict` gets 409, everything else succeeds with no content.
+fn to_json<T: serde::Serialize>(v: &T) -> ApiResponse {
+    serde_json::to_value(v).map_err(|e| ApiError::new(500, format!("fake VMM: {e}")))
+}
+
+/// The fixed answers: ping and info and counters get sample data, `vm.migration-status` an
+/// idle status, `VmCreate` of a kernel named `/conflict` and `VmSnapshot` to
+/// `file:///conflict` get 409, everything else succeeds with no content.
 pub fn fixed_answer(req: &ApiRequest) -> ApiResponse {
-    let to_json = |v: Result<serde_json::Value, serde_json::Error>| {
-        v.map_err(|e| ApiError::new(500, format!("fake VMM: {e}")))
-    };
     match req {
-        ApiRequest::VmmPing => to_json(serde_json::to_value(VmmPingResponse {
+        ApiRequest::VmmPing => to_json(&VmmPingResponse {
             version: "0.1.0-fake".into(),
             pid: std::process::id(),
-        })),
-        ApiRequest::VmInfo => to_json(serde_json::to_value(sample_vm_info()?)),
+        }),
+        ApiRequest::VmInfo => to_json(&sample_vm_info()?),
         ApiRequest::VmCounters => Ok(sample_counters()),
+        ApiRequest::VmMigrationStatus => to_json(&idle_migration()),
         ApiRequest::VmCreate(c) if c.payload.kernel.as_os_str() == "/conflict" => Err(ApiError {
             status: 409,
             error: "a VM already exists".into(),
             causes: vec!["created earlier".into()],
         }),
+        ApiRequest::VmSnapshot(s) if s.destination_url == "file:///conflict" => Err(ApiError {
+            status: 409,
+            error: "the VM must be paused to snapshot it".into(),
+            causes: vec!["it is Running".into()],
+        }),
         _ => Ok(serde_json::Value::Null),
     }
+}
+
+/// Guest RAM of the fake VM (as [`sample_vm_info`] reports it).
+pub const FAKE_RAM: u64 = 512 << 20;
+
+/// The status before any migration.
+pub fn idle_migration() -> MigrationStatus {
+    MigrationStatus {
+        phase: MigrationPhase::Idle,
+        round: 0,
+        bytes: 0,
+        total_bytes: 0,
+        dirty_rate: 0,
+        eta_ms: 0,
+        downtime_ms: None,
+        elapsed_ms: 0,
+        error: None,
+    }
+}
+
+/// The migration the fake loop pretends to run: `step` counts status polls since the start.
+struct FakeMigration {
+    step: u32,
+    fail: bool,
+}
+
+/// Polls from the start of a simulated migration to its end.
+pub const FAKE_MIGRATION_POLLS: u32 = 4;
+
+impl FakeMigration {
+    /// The status at `self.step`: round 1 copies all memory in two polls, round 2 resends
+    /// 32 MiB of dirtied pages, round 3 (the paused final round) completes it. A destination
+    /// URL containing `fail` fails during round 2 instead.
+    fn status(&self) -> MigrationStatus {
+        const MIB: u64 = 1 << 20;
+        // A failing migration stops where round 2 began.
+        let step = match self.fail {
+            true => self.step.min(FAKE_MIGRATION_POLLS - 1),
+            false => self.step,
+        };
+        let (round, bytes, dirty_rate, eta_ms) = match step {
+            0 => (1, 0, 0, 1600),
+            1 => (1, FAKE_RAM / 2, 64 * MIB, 800),
+            2 => (1, FAKE_RAM, 64 * MIB, 400),
+            3 => (2, FAKE_RAM + 32 * MIB, 16 * MIB, 100),
+            _ => (3, FAKE_RAM + 36 * MIB, 16 * MIB, 0),
+        };
+        let mut st = MigrationStatus {
+            phase: MigrationPhase::Active,
+            round,
+            bytes,
+            total_bytes: FAKE_RAM,
+            dirty_rate,
+            eta_ms,
+            downtime_ms: None,
+            elapsed_ms: u64::from(self.step) * 200,
+            error: None,
+        };
+        if self.fail && self.step >= FAKE_MIGRATION_POLLS {
+            st.phase = MigrationPhase::Failed;
+            st.eta_ms = 0;
+            st.error = Some("sending round 2: connection reset by peer".into());
+        } else if self.step >= FAKE_MIGRATION_POLLS {
+            st.phase = MigrationPhase::Completed;
+            st.downtime_ms = Some(12.5);
+        }
+        st
+    }
+}
+
+/// [`fixed_answer`] plus a migration that advances one step per `vm.migration-status` poll:
+/// `vm.send-migration` starts it (409 while one is active), the [`FAKE_MIGRATION_POLLS`]th
+/// poll after that sees it completed (or failed, for a destination URL containing `fail`).
+pub fn simulated_answer() -> Box<Answer> {
+    let migration: Mutex<Option<FakeMigration>> = Mutex::new(None);
+    Box::new(move |req| {
+        let mut m = migration.lock().unwrap_or_else(PoisonError::into_inner);
+        match req {
+            ApiRequest::VmSendMigration(_)
+                if m.as_ref()
+                    .is_some_and(|m| matches!(m.status().phase, MigrationPhase::Active)) =>
+            {
+                Err(ApiError::new(409, "a migration is already running"))
+            }
+            ApiRequest::VmSendMigration(d) => {
+                *m = Some(FakeMigration {
+                    step: 0,
+                    fail: d.destination_url.contains("fail"),
+                });
+                Ok(serde_json::Value::Null)
+            }
+            ApiRequest::VmMigrationStatus => match m.as_mut() {
+                Some(m) => {
+                    m.step = m.step.saturating_add(1);
+                    to_json(&m.status())
+                }
+                None => fixed_answer(req),
+            },
+            _ => fixed_answer(req),
+        }
+    })
 }
 
 /// A plausible `vm.info`.

@@ -1,9 +1,11 @@
 //! Hostile and malformed requests, each with the reply it must get.
 //!
 //! No case ever changes the VMM's state: a candidate that the server would turn into a
-//! `PUT` for the control loop (say, a mutation that happens to spell a valid `vm.pause`) is
-//! thrown away, using the server's own parser and route table to decide. So the generator
-//! is safe to fire at a colovmm running a real guest: at worst it reads `vm.info`.
+//! `PUT` for the control loop (say, a mutation that happens to spell a valid `vm.pause`, or
+//! a `vm.snapshot` / `vm.send-migration` body that parses and validates) is thrown away,
+//! using the server's own parser, route table and body checks to decide. So the generator
+//! is safe to fire at a colovmm running a real guest: at worst it reads `vm.info`,
+//! `vm.counters` or `vm.migration-status`.
 //!
 //! Expected statuses assume the server's default [`Limits`](crate::http::Limits).
 
@@ -24,7 +26,8 @@ pub enum Shape {
     ManyHeaders,
     /// A `Content-Length` past the 1 MiB body cap.
     HugeBody,
-    /// `vm.create` with a body that is not a valid `VmConfig`.
+    /// A route that takes a body (`vm.create`, `vm.snapshot`, `vm.send-migration`...) with
+    /// one it refuses.
     BadJson,
     /// A known route with a method it does not take.
     WrongMethod,
@@ -44,7 +47,7 @@ pub enum Shape {
     Mutated,
     /// `Expect: 100-continue` with a bad body.
     ExpectContinue,
-    /// A valid read-only request (`vmm.ping`, `vm.info`, `vm.counters`).
+    /// A valid read-only request (every `GET` route).
     ReadOnly,
     /// Sends part or all of a request, then closes without reading.
     Disconnect,
@@ -145,6 +148,51 @@ const BAD_BODIES: &[&[u8]] = &[
     br#"{"payload":{"kernel":"/k"}} {"payload":{"kernel":"/k"}}"#,
 ];
 const VALID_CONFIG: &[u8] = br#"{"payload":{"kernel":"/k","cmdline":"console=ttyS0"}}"#;
+/// Refused bodies for the snapshot and migration routes: each is bad for every one of them
+/// (wrong or unknown field, bad URL scheme, out-of-range number, not an object).
+const BAD_STATE_BODIES: &[&[u8]] = &[
+    b"",
+    b"{",
+    b"{}",
+    b"[]",
+    b"null",
+    br#"{"destination_url":"http://10.0.0.2:6000"}"#,
+    br#"{"destination_url":"tcp://10.0.0.2:6000"}"#,
+    br#"{"destination_url":"tcp:10.0.0.2:0"}"#,
+    br#"{"destination_url":"tcp:10.0.0.2:6000","downtime_ms":0}"#,
+    br#"{"destination_url":"tcp:10.0.0.2:6000","downtime_ms":60001}"#,
+    br#"{"destination_url":"tcp:10.0.0.2:6000","channels":0}"#,
+    br#"{"destination_url":"tcp:10.0.0.2:6000","channels":17}"#,
+    br#"{"destination_url":"unix:relative.sock","channels":1}"#,
+    br#"{"destination_url":"file://snapshots/a"}"#,
+    br#"{"destination_url":"file:///"}"#,
+    br#"{"source_url":"snapshot"}"#,
+    br#"{"source_url":"tcp:h:1"}"#,
+    br#"{"receiver_url":"tcp:[::1:6000"}"#,
+    br#"{"receiver_url":"unix:"}"#,
+    br#"{"destination_url":"file:///s","bogus":1}"#,
+    br#"{"source_url":"file:///s","source_url":"file:///t"}"#,
+    b"{\"destination_url\":\"file:///s\0\"}",
+];
+/// Valid snapshot and migration requests (mutation templates only: never sent as such).
+const STATE_TEMPLATES: &[(&str, &[u8])] = &[
+    (
+        "/api/v1/vm.snapshot",
+        br#"{"destination_url":"file:///var/snap"}"#,
+    ),
+    (
+        "/api/v1/vm.restore",
+        br#"{"source_url":"file:///var/snap"}"#,
+    ),
+    (
+        "/api/v1/vm.send-migration",
+        br#"{"destination_url":"tcp:10.0.0.2:6000","downtime_ms":300,"channels":2}"#,
+    ),
+    (
+        "/api/v1/vm.receive-migration",
+        br#"{"receiver_url":"unix:/run/m.sock"}"#,
+    ),
+];
 
 /// Builds a request with a `Content-Length` matching `body` (when non-empty).
 fn req(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
@@ -163,6 +211,26 @@ fn req(method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Vec<u
 
 fn route_path(rng: &mut Rng) -> &'static str {
     rng.pick(ROUTES).map_or("/api/v1/vmm.ping", |r| r.path)
+}
+
+/// A route that takes a JSON body.
+fn body_route(rng: &mut Rng) -> &'static routes::Route {
+    let with_body: Vec<&'static routes::Route> = ROUTES
+        .iter()
+        .filter(|r| r.action.body().is_some())
+        .collect();
+    rng.pick(&with_body)
+        .copied()
+        .unwrap_or_else(|| Action::VmCreate.route())
+}
+
+/// A body `route` refuses with a 400.
+fn bad_body_for(rng: &mut Rng, route: &routes::Route) -> Vec<u8> {
+    if route.action == Action::VmCreate || rng.chance(25) {
+        bad_body(rng)
+    } else {
+        rng.pick(BAD_STATE_BODIES).copied().unwrap_or(b"{").to_vec()
+    }
 }
 
 fn read_only_path(rng: &mut Rng) -> &'static str {
@@ -189,11 +257,22 @@ fn bad_body(rng: &mut Rng) -> Vec<u8> {
 
 /// A well-formed request of any kind, including state-changing ones (mutation templates).
 fn template(rng: &mut Rng) -> Vec<u8> {
-    match rng.below(4) {
+    match rng.below(5) {
         0 => req("PUT", "/api/v1/vm.create", &[], VALID_CONFIG),
         1 => req("GET", read_only_path(rng), &[("Accept", "*/*")], b""),
         2 => req("PUT", route_path(rng), &[], b""),
-        _ => req("PUT", "/api/v1/vm.create", &[], &bad_body(rng)),
+        3 => {
+            let (path, body) = rng
+                .pick(STATE_TEMPLATES)
+                .copied()
+                .unwrap_or(("/api/v1/vm.create", VALID_CONFIG));
+            req("PUT", path, &[], body)
+        }
+        _ => {
+            let route = body_route(rng);
+            let body = bad_body_for(rng, route);
+            req("PUT", route.path, &[], &body)
+        }
     }
 }
 
@@ -287,10 +366,11 @@ fn build(shape: Shape, rng: &mut Rng) -> Case {
             bytes.extend_from_slice(&body);
             case(bytes, Expect::Status(413))
         }
-        Shape::BadJson => case(
-            req("PUT", "/api/v1/vm.create", &[], &bad_body(rng)),
-            Expect::Status(400),
-        ),
+        Shape::BadJson => {
+            let route = body_route(rng);
+            let body = bad_body_for(rng, route);
+            case(req("PUT", route.path, &[], &body), Expect::Status(400))
+        }
         Shape::WrongMethod => {
             let route = rng.pick(ROUTES).copied().unwrap_or(ROUTES[0]);
             let wrong: &[&str] = match route.method {
@@ -369,15 +449,14 @@ fn build(shape: Shape, rng: &mut Rng) -> Case {
             let t = template(rng);
             case(mutate(rng, t), Expect::Any)
         }
-        Shape::ExpectContinue => case(
-            req(
-                "PUT",
-                "/api/v1/vm.create",
-                &[("Expect", "100-continue")],
-                &bad_body(rng),
-            ),
-            Expect::Status(400),
-        ),
+        Shape::ExpectContinue => {
+            let route = body_route(rng);
+            let body = bad_body_for(rng, route);
+            case(
+                req("PUT", route.path, &[("Expect", "100-continue")], &body),
+                Expect::Status(400),
+            )
+        }
         Shape::ReadOnly => {
             let path = read_only_path(rng);
             let bytes = match rng.below(3) {
@@ -428,8 +507,9 @@ pub fn changes_state(bytes: &[u8]) -> bool {
     let Some(body) = bytes.get(used..).and_then(|rest| rest.get(..len)) else {
         return false;
     };
-    // vm.create reaches the loop only with a body that parses and validates.
-    route.action != Action::VmCreate || Action::VmCreate.request(body).is_ok()
+    // A route with a body (vm.create, vm.snapshot, vm.send-migration...) reaches the loop
+    // only with one that parses and validates; the others ignore theirs.
+    route.action.request(body).is_ok()
 }
 
 /// Whether the server reads these bytes as a `HEAD` request (its reply then has no body).
@@ -451,6 +531,7 @@ pub fn generate(rng: &mut Rng) -> Case {
 
 #[cfg(test)]
 mod tests {
+    use super::super::quote;
     use super::*;
 
     #[test]
@@ -466,6 +547,24 @@ mod tests {
     }
 
     #[test]
+    fn bad_state_bodies_are_refused_everywhere() {
+        for r in ROUTES.iter().filter(|r| r.action.body().is_some()) {
+            for body in BAD_STATE_BODIES {
+                assert!(
+                    r.action.request(body).is_err(),
+                    "{} {}",
+                    r.path,
+                    quote(body)
+                );
+            }
+        }
+        for (path, body) in STATE_TEMPLATES {
+            let route = routes::find(path).unwrap();
+            assert!(route.action.request(body).is_ok(), "{path}");
+        }
+    }
+
+    #[test]
     fn the_filter_catches_state_changes() {
         assert!(changes_state(b"PUT /api/v1/vm.pause HTTP/1.1\r\n\r\n"));
         assert!(changes_state(
@@ -478,6 +577,25 @@ mod tests {
             VALID_CONFIG
         )));
         assert!(!changes_state(&req("PUT", "/api/v1/vm.create", &[], b"{")));
+        for (path, body) in STATE_TEMPLATES {
+            assert!(changes_state(&req("PUT", path, &[], body)), "{path}");
+            assert!(!changes_state(&req("PUT", path, &[], b"{}")), "{path}");
+        }
+        assert!(!changes_state(&req(
+            "PUT",
+            "/api/v1/vm.send-migration",
+            &[],
+            br#"{"destination_url":"tcp:h:1","channels":99}"#
+        )));
+        assert!(!changes_state(&req(
+            "PUT",
+            "/api/v1/vm.snapshot",
+            &[],
+            br#"{"destination_url":"tcp:h:1"}"#
+        )));
+        assert!(!changes_state(
+            b"GET /api/v1/vm.migration-status HTTP/1.1\r\n\r\n"
+        ));
         assert!(!changes_state(b"PUT /api/v1/vm.pause HTTP/1.1\r\n"));
         assert!(!changes_state(b"GET /api/v1/vm.info HTTP/1.1\r\n\r\n"));
         assert!(!changes_state(b"put /api/v1/vm.pause HTTP/1.1\r\n\r\n"));

@@ -11,7 +11,8 @@
 //!
 //! Routes ([`routes::ROUTES`]) use Cloud Hypervisor's names under `/api/v1/`. Each request
 //! becomes an [`ApiRequest`](crate::ApiRequest) sent to the VMM's control loop through the
-//! [`ApiSender`]; the server never runs on vCPU or device threads.
+//! [`ApiSender`]; the server never runs on vCPU or device threads. Bodies are parsed and
+//! checked ([`validate`] for snapshot and migration) before anything reaches the loop.
 
 pub mod dispatch;
 pub mod request;
@@ -19,6 +20,7 @@ pub mod response;
 pub mod routes;
 pub mod server;
 pub mod socket;
+pub mod validate;
 
 #[cfg(test)]
 mod tests;
@@ -31,6 +33,7 @@ pub use request::Limits;
 pub use routes::{Action, Method, Route, API_PREFIX, ROUTES};
 pub use server::{HttpOptions, HttpServer};
 pub use socket::SocketError;
+pub use validate::{MigrationUrl, ValidationError};
 
 /// Why the server could not start, or the option was refused.
 #[derive(Debug, thiserror::Error)]

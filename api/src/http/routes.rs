@@ -3,8 +3,14 @@
 //! The dispatcher, `colovmm-remote`, the fuzz generator and the OpenAPI test all read
 //! [`ROUTES`], so a route exists in exactly one place.
 
+use serde::de::DeserializeOwned;
+
+use super::validate::ValidationError;
 use crate::config::ConfigError;
-use crate::{ApiError, ApiRequest, VmConfig};
+use crate::{
+    ApiError, ApiRequest, ReceiveMigrationData, SendMigrationData, VmConfig, VmRestoreConfig,
+    VmSnapshotConfig,
+};
 
 /// Every route lives under this prefix (Cloud Hypervisor's).
 pub const API_PREFIX: &str = "/api/v1";
@@ -51,6 +57,16 @@ pub enum Action {
     VmInfo,
     /// `vm.counters`.
     VmCounters,
+    /// `vm.snapshot` (the body is a [`VmSnapshotConfig`]).
+    VmSnapshot,
+    /// `vm.restore` (the body is a [`VmRestoreConfig`]).
+    VmRestore,
+    /// `vm.send-migration` (the body is a [`SendMigrationData`]).
+    VmSendMigration,
+    /// `vm.receive-migration` (the body is a [`ReceiveMigrationData`]).
+    VmReceiveMigration,
+    /// `vm.migration-status`.
+    VmMigrationStatus,
 }
 
 /// One endpoint.
@@ -116,17 +132,69 @@ pub const ROUTES: &[Route] = &[
         method: Method::Get,
         action: Action::VmCounters,
     },
+    Route {
+        path: "/api/v1/vm.snapshot",
+        method: Method::Put,
+        action: Action::VmSnapshot,
+    },
+    Route {
+        path: "/api/v1/vm.restore",
+        method: Method::Put,
+        action: Action::VmRestore,
+    },
+    Route {
+        path: "/api/v1/vm.send-migration",
+        method: Method::Put,
+        action: Action::VmSendMigration,
+    },
+    Route {
+        path: "/api/v1/vm.receive-migration",
+        method: Method::Put,
+        action: Action::VmReceiveMigration,
+    },
+    Route {
+        path: "/api/v1/vm.migration-status",
+        method: Method::Get,
+        action: Action::VmMigrationStatus,
+    },
 ];
 
 /// Why a request body was refused (always a 400).
 #[derive(Debug, thiserror::Error)]
 pub enum BodyError {
-    /// Not JSON, not a `VmConfig`, or a field the config does not know.
-    #[error("invalid VmConfig JSON: {0}")]
-    Json(#[from] serde_json::Error),
+    /// Not JSON, not the route's body type, or a field the type does not know.
+    #[error("invalid {what} JSON: {source}")]
+    Json {
+        /// The body type ([`Action::body`]).
+        what: &'static str,
+        /// serde's complaint.
+        #[source]
+        source: serde_json::Error,
+    },
     /// Well-formed but refused by `VmConfig::validate()`.
     #[error("invalid VmConfig: {0}")]
     Invalid(#[from] ConfigError),
+    /// A snapshot or migration body refused by its `validate()` (see [`super::validate`]).
+    #[error("invalid {what}: {source}")]
+    Rejected {
+        /// The body type ([`Action::body`]).
+        what: &'static str,
+        /// What is wrong.
+        #[source]
+        source: ValidationError,
+    },
+}
+
+/// Parses `body` as the `what` body type, then runs its `check`.
+fn parse_body<T: DeserializeOwned>(
+    what: &'static str,
+    body: &[u8],
+    check: fn(&T) -> Result<(), ValidationError>,
+) -> Result<T, BodyError> {
+    let value: T =
+        serde_json::from_slice(body).map_err(|source| BodyError::Json { what, source })?;
+    check(&value).map_err(|source| BodyError::Rejected { what, source })?;
+    Ok(value)
 }
 
 impl From<BodyError> for ApiError {
@@ -146,13 +214,38 @@ impl Action {
             .unwrap_or(&ROUTES[0])
     }
 
+    /// The schema name of the JSON body the route requires, or `None` if it ignores its body.
+    pub fn body(self) -> Option<&'static str> {
+        match self {
+            Action::VmCreate => Some("VmConfig"),
+            Action::VmSnapshot => Some("VmSnapshotConfig"),
+            Action::VmRestore => Some("VmRestoreConfig"),
+            Action::VmSendMigration => Some("SendMigrationData"),
+            Action::VmReceiveMigration => Some("ReceiveMigrationData"),
+            Action::VmmPing
+            | Action::VmmShutdown
+            | Action::VmBoot
+            | Action::VmPause
+            | Action::VmResume
+            | Action::VmShutdown
+            | Action::VmReboot
+            | Action::VmInfo
+            | Action::VmCounters
+            | Action::VmMigrationStatus => None,
+        }
+    }
+
     /// Builds the control-loop request, parsing and validating `body` where the route takes one.
     pub fn request(self, body: &[u8]) -> Result<ApiRequest, BodyError> {
         Ok(match self {
             Action::VmmPing => ApiRequest::VmmPing,
             Action::VmmShutdown => ApiRequest::VmmShutdown,
             Action::VmCreate => {
-                let config: VmConfig = serde_json::from_slice(body)?;
+                let config: VmConfig =
+                    serde_json::from_slice(body).map_err(|source| BodyError::Json {
+                        what: "VmConfig",
+                        source,
+                    })?;
                 config.validate()?;
                 ApiRequest::VmCreate(Box::new(config))
             }
@@ -163,6 +256,27 @@ impl Action {
             Action::VmReboot => ApiRequest::VmReboot,
             Action::VmInfo => ApiRequest::VmInfo,
             Action::VmCounters => ApiRequest::VmCounters,
+            Action::VmSnapshot => ApiRequest::VmSnapshot(parse_body(
+                "VmSnapshotConfig",
+                body,
+                VmSnapshotConfig::validate,
+            )?),
+            Action::VmRestore => ApiRequest::VmRestore(parse_body(
+                "VmRestoreConfig",
+                body,
+                VmRestoreConfig::validate,
+            )?),
+            Action::VmSendMigration => ApiRequest::VmSendMigration(parse_body(
+                "SendMigrationData",
+                body,
+                SendMigrationData::validate,
+            )?),
+            Action::VmReceiveMigration => ApiRequest::VmReceiveMigration(parse_body(
+                "ReceiveMigrationData",
+                body,
+                ReceiveMigrationData::validate,
+            )?),
+            Action::VmMigrationStatus => ApiRequest::VmMigrationStatus,
         })
     }
 }
@@ -237,6 +351,121 @@ mod tests {
         assert_eq!(
             Action::VmBoot.request(b"ignored").ok(),
             Some(ApiRequest::VmBoot)
+        );
+    }
+
+    #[test]
+    fn body_types_match_the_errors() {
+        for r in ROUTES {
+            match r.action.body() {
+                Some(what) => {
+                    assert_eq!(r.method, Method::Put, "{}", r.path);
+                    let e = r.action.request(b"{").unwrap_err().to_string();
+                    assert!(e.starts_with(&format!("invalid {what} JSON")), "{e}");
+                    assert!(r.action.request(b"").is_err(), "{}", r.path);
+                }
+                None => assert!(r.action.request(b"{").is_ok(), "{}", r.path),
+            }
+        }
+    }
+
+    #[test]
+    fn snapshot_and_migration_bodies() {
+        let ok = |a: Action, body: &str| {
+            a.request(body.as_bytes())
+                .unwrap_or_else(|e| panic!("{body}: {e}"))
+        };
+        let refused = |a: Action, body: &str| {
+            a.request(body.as_bytes())
+                .map(|r| panic!("{body} accepted as {r:?}"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(
+            ok(Action::VmSnapshot, r#"{"destination_url":"file:///s"}"#),
+            ApiRequest::VmSnapshot(VmSnapshotConfig {
+                destination_url: "file:///s".into()
+            })
+        );
+        assert!(matches!(
+            ok(Action::VmRestore, r#"{"source_url":"file:///s"}"#),
+            ApiRequest::VmRestore(_)
+        ));
+        assert_eq!(
+            ok(
+                Action::VmSendMigration,
+                r#"{"destination_url":"tcp:10.0.0.2:6000","downtime_ms":500,"channels":4}"#
+            ),
+            ApiRequest::VmSendMigration(SendMigrationData {
+                destination_url: "tcp:10.0.0.2:6000".into(),
+                downtime_ms: Some(500),
+                channels: Some(4),
+            })
+        );
+        assert!(matches!(
+            ok(
+                Action::VmSendMigration,
+                r#"{"destination_url":"unix:/m.sock","downtime_ms":null}"#
+            ),
+            ApiRequest::VmSendMigration(SendMigrationData {
+                downtime_ms: None,
+                channels: None,
+                ..
+            })
+        ));
+        assert!(matches!(
+            ok(
+                Action::VmReceiveMigration,
+                r#"{"receiver_url":"tcp:0.0.0.0:6000"}"#
+            ),
+            ApiRequest::VmReceiveMigration(_)
+        ));
+        assert_eq!(
+            ok(Action::VmMigrationStatus, ""),
+            ApiRequest::VmMigrationStatus
+        );
+
+        let e = refused(
+            Action::VmSnapshot,
+            r#"{"destination_url":"file:///s","x":1}"#,
+        );
+        assert!(e.contains("unknown field `x`"), "{e}");
+        let e = refused(Action::VmSnapshot, r#"{"destination_url":"tcp:h:1"}"#);
+        assert!(
+            e.starts_with("invalid VmSnapshotConfig: destination_url"),
+            "{e}"
+        );
+        let e = refused(Action::VmRestore, r#"{"source_url":"/s"}"#);
+        assert!(e.contains("expected file:///DIR"), "{e}");
+        let e = refused(Action::VmRestore, r#"{}"#);
+        assert!(e.contains("missing field `source_url`"), "{e}");
+        let e = refused(
+            Action::VmSendMigration,
+            r#"{"destination_url":"tcp:h:1","downtime_ms":0}"#,
+        );
+        assert_eq!(
+            e,
+            "invalid SendMigrationData: downtime_ms 0 is out of range 1..=60000"
+        );
+        let e = refused(
+            Action::VmSendMigration,
+            r#"{"destination_url":"tcp:h:1","channels":17}"#,
+        );
+        assert!(e.ends_with("channels 17 is out of range 1..=16"), "{e}");
+        let e = refused(
+            Action::VmSendMigration,
+            r#"{"destination_url":"tcp:h:1","channels":-1}"#,
+        );
+        assert!(e.starts_with("invalid SendMigrationData JSON"), "{e}");
+        let e = refused(
+            Action::VmSendMigration,
+            r#"{"destination_url":"file:///x"}"#,
+        );
+        assert!(e.contains("expected tcp:HOST:PORT or unix:PATH"), "{e}");
+        let e = refused(Action::VmReceiveMigration, r#"{"receiver_url":"tcp:h"}"#);
+        assert!(
+            e.starts_with("invalid ReceiveMigrationData: receiver_url"),
+            "{e}"
         );
     }
 }

@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use super::*;
-use crate::fuzz::fake_vmm::{fixed_answer, Answer};
+use crate::fuzz::fake_vmm::{fixed_answer, simulated_answer, Answer, FAKE_MIGRATION_POLLS};
 use crate::fuzz::{check_reply, exchange, idle_burst, After, FakeVmm, Reply};
-use crate::{api_channel, ApiError, ApiRequest, VmInfo};
+use crate::{api_channel, ApiError, ApiRequest, MigrationPhase, MigrationStatus, VmInfo};
 
 const T: Duration = Duration::from_secs(10);
 
@@ -114,10 +114,36 @@ fn every_route_succeeds() {
     let counters = h.call("GET", "/api/v1/vm.counters", None);
     assert_eq!(counters.status, 200);
     assert_eq!(counters.json["root"]["read_bytes"], 4096);
+    for (ep, body) in [
+        ("vm.snapshot", r#"{"destination_url":"file:///var/snap"}"#),
+        ("vm.restore", r#"{"source_url":"file:///var/snap"}"#),
+        (
+            "vm.send-migration",
+            r#"{"destination_url":"tcp:10.0.0.2:6000","downtime_ms":300,"channels":2}"#,
+        ),
+        (
+            "vm.receive-migration",
+            r#"{"receiver_url":"unix:/run/m.sock"}"#,
+        ),
+    ] {
+        let r = h.call("PUT", &format!("/api/v1/{ep}"), Some(body));
+        assert_eq!(r.status, 204, "{ep}: {}", r.json);
+    }
+    let status = h.call("GET", "/api/v1/vm.migration-status", None);
+    assert_eq!(status.status, 200);
+    let status: MigrationStatus = serde_json::from_value(status.json).unwrap();
+    assert_eq!(status.phase, MigrationPhase::Idle);
     assert_eq!(h.call("PUT", "/api/v1/vmm.shutdown", None).status, 204);
 
     let seen = h.seen();
     assert!(matches!(&seen[1], ApiRequest::VmCreate(c) if c.memory.size == 256 << 20));
+    assert!(matches!(
+        &seen[11],
+        ApiRequest::VmSendMigration(d)
+            if d.destination_url == "tcp:10.0.0.2:6000"
+                && d.downtime_ms == Some(300)
+                && d.channels == Some(2)
+    ));
     assert_eq!(
         seen.iter().map(std::mem::discriminant).collect::<Vec<_>>(),
         [
@@ -132,6 +158,11 @@ fn every_route_succeeds() {
             ApiRequest::VmShutdown,
             ApiRequest::VmInfo,
             ApiRequest::VmCounters,
+            ApiRequest::VmSnapshot(serde_json::from_str(r#"{"destination_url":""}"#).unwrap()),
+            ApiRequest::VmRestore(serde_json::from_str(r#"{"source_url":""}"#).unwrap()),
+            ApiRequest::VmSendMigration(serde_json::from_str(r#"{"destination_url":""}"#).unwrap()),
+            ApiRequest::VmReceiveMigration(serde_json::from_str(r#"{"receiver_url":""}"#).unwrap()),
+            ApiRequest::VmMigrationStatus,
             ApiRequest::VmmShutdown,
         ]
         .iter()
@@ -172,6 +203,175 @@ fn bad_configs_are_400_and_never_reach_the_loop() {
     let r = h.raw(b"PUT /api/v1/vm.create HTTP/1.1\r\nContent-Length: 11\r\n\r\n\xff\xfe{}{}{}{}{");
     assert_eq!(r.status, 400);
     assert!(h.seen().is_empty(), "{:?}", h.seen());
+}
+
+#[test]
+fn bad_snapshot_and_migration_bodies_are_400_and_never_reach_the_loop() {
+    let h = harness("state400");
+    let cases: &[(&str, &str, &str)] = &[
+        // Unknown fields.
+        (
+            "vm.snapshot",
+            r#"{"destination_url":"file:///s","compress":true}"#,
+            "unknown field `compress`",
+        ),
+        (
+            "vm.restore",
+            r#"{"source_url":"file:///s","prefault":true}"#,
+            "unknown field `prefault`",
+        ),
+        (
+            "vm.send-migration",
+            r#"{"destination_url":"tcp:h:1","local":true}"#,
+            "unknown field `local`",
+        ),
+        (
+            "vm.receive-migration",
+            r#"{"receiver_url":"tcp:h:1","destination_url":"tcp:h:1"}"#,
+            "unknown field `destination_url`",
+        ),
+        // Missing bodies and fields.
+        ("vm.snapshot", "", "invalid VmSnapshotConfig JSON"),
+        (
+            "vm.restore",
+            "{}",
+            "invalid VmRestoreConfig JSON: missing field `source_url`",
+        ),
+        (
+            "vm.send-migration",
+            r#"{"downtime_ms":5}"#,
+            "missing field `destination_url`",
+        ),
+        // Bad URL schemes.
+        (
+            "vm.snapshot",
+            r#"{"destination_url":"tcp:h:1"}"#,
+            "invalid VmSnapshotConfig: destination_url \"tcp:h:1\": expected file:///DIR",
+        ),
+        (
+            "vm.snapshot",
+            r#"{"destination_url":"file://relative/dir"}"#,
+            "a host or a relative path is not allowed",
+        ),
+        (
+            "vm.restore",
+            r#"{"source_url":"/var/snap"}"#,
+            "invalid VmRestoreConfig: source_url \"/var/snap\": expected file:///DIR",
+        ),
+        (
+            "vm.send-migration",
+            r#"{"destination_url":"file:///x"}"#,
+            "invalid SendMigrationData: destination_url \"file:///x\": expected tcp:HOST:PORT or unix:PATH",
+        ),
+        (
+            "vm.send-migration",
+            r#"{"destination_url":"tcp://h:6000"}"#,
+            "without // after tcp:",
+        ),
+        (
+            "vm.receive-migration",
+            r#"{"receiver_url":"unix:m.sock"}"#,
+            "invalid ReceiveMigrationData: receiver_url \"unix:m.sock\": expected unix:PATH with an absolute PATH",
+        ),
+        (
+            "vm.receive-migration",
+            r#"{"receiver_url":"tcp:0.0.0.0:70000"}"#,
+            "not a number in 1..=65535",
+        ),
+        // Out-of-range numbers.
+        (
+            "vm.send-migration",
+            r#"{"destination_url":"tcp:h:1","downtime_ms":0}"#,
+            "invalid SendMigrationData: downtime_ms 0 is out of range 1..=60000",
+        ),
+        (
+            "vm.send-migration",
+            r#"{"destination_url":"tcp:h:1","downtime_ms":60001}"#,
+            "downtime_ms 60001 is out of range 1..=60000",
+        ),
+        (
+            "vm.send-migration",
+            r#"{"destination_url":"tcp:h:1","channels":0}"#,
+            "channels 0 is out of range 1..=16",
+        ),
+        (
+            "vm.send-migration",
+            r#"{"destination_url":"tcp:h:1","channels":17}"#,
+            "channels 17 is out of range 1..=16",
+        ),
+        (
+            "vm.send-migration",
+            r#"{"destination_url":"tcp:h:1","channels":4294967296}"#,
+            "invalid SendMigrationData JSON",
+        ),
+        (
+            "vm.send-migration",
+            r#"{"destination_url":"tcp:h:1","downtime_ms":-1}"#,
+            "invalid SendMigrationData JSON",
+        ),
+    ];
+    for (ep, body, want) in cases {
+        let r = h.call("PUT", &format!("/api/v1/{ep}"), Some(body));
+        assert_eq!(r.status, 400, "{ep} {body}: {}", r.json);
+        assert!(error_of(&r).contains(want), "{ep} {body}: {}", r.json);
+    }
+    // The right body on the wrong route is refused too.
+    let r = h.call(
+        "PUT",
+        "/api/v1/vm.restore",
+        Some(r#"{"destination_url":"file:///s"}"#),
+    );
+    assert_eq!(r.status, 400);
+    let r = h.call("GET", "/api/v1/vm.snapshot", None);
+    assert_eq!((r.status, r.header("allow")), (405, Some("PUT")));
+    let r = h.call("PUT", "/api/v1/vm.migration-status", Some("{}"));
+    assert_eq!((r.status, r.header("allow")), (405, Some("GET")));
+    assert!(h.seen().is_empty(), "{:?}", h.seen());
+}
+
+#[test]
+fn a_simulated_migration_runs_to_its_end() {
+    let h = harness_with("migrate", HttpOptions::default(), Some(simulated_answer()));
+    let status = |h: &Harness| -> MigrationStatus {
+        let r = h.call("GET", "/api/v1/vm.migration-status", None);
+        assert_eq!(r.status, 200, "{}", r.json);
+        serde_json::from_value(r.json).unwrap()
+    };
+    assert_eq!(status(&h).phase, MigrationPhase::Idle);
+    let send = |h: &Harness, url: &str| {
+        h.call(
+            "PUT",
+            "/api/v1/vm.send-migration",
+            Some(&format!(r#"{{"destination_url":"{url}"}}"#)),
+        )
+    };
+    assert_eq!(send(&h, "tcp:10.0.0.2:6000").status, 204);
+    let r = send(&h, "tcp:10.0.0.2:6000");
+    assert_eq!(r.status, 409);
+    assert_eq!(error_of(&r), "a migration is already running");
+    let mut last = status(&h);
+    assert_eq!((last.phase, last.round), (MigrationPhase::Active, 1));
+    for _ in 1..FAKE_MIGRATION_POLLS {
+        let next = status(&h);
+        assert!(next.bytes >= last.bytes && next.round >= last.round);
+        last = next;
+    }
+    assert_eq!(last.phase, MigrationPhase::Completed);
+    assert_eq!(last.downtime_ms, Some(12.5));
+    assert_eq!(status(&h).phase, MigrationPhase::Completed, "it stays so");
+
+    assert_eq!(
+        send(&h, "unix:/run/fail.sock").status,
+        204,
+        "a new one may start"
+    );
+    let mut end = status(&h);
+    for _ in 1..FAKE_MIGRATION_POLLS {
+        assert_eq!(end.phase, MigrationPhase::Active);
+        end = status(&h);
+    }
+    assert_eq!(end.phase, MigrationPhase::Failed);
+    assert!(end.error.unwrap().contains("connection reset"));
 }
 
 #[test]

@@ -51,7 +51,9 @@ pub enum RangeError {
         len: u64,
     },
     /// Ranges must be sorted and disjoint; this one starts before the previous one ended.
-    #[error("range at {gpa:#x} overlaps or precedes the previous range, which ends at {prev_end:#x}")]
+    #[error(
+        "range at {gpa:#x} overlaps or precedes the previous range, which ends at {prev_end:#x}"
+    )]
     Overlap {
         /// Start of the offending range.
         gpa: u64,
@@ -176,7 +178,11 @@ mod tests {
 
     #[test]
     fn accepts_sorted_adjacent_ranges() {
-        let r = [MemRange::new(0, P), MemRange::new(P, 2 * P), MemRange::new(33 * P, P)];
+        let r = [
+            MemRange::new(0, P),
+            MemRange::new(P, 2 * P),
+            MemRange::new(33 * P, P),
+        ];
         assert_eq!(check_ranges(&r, Some(&layout())), Ok(4 * P));
     }
 
@@ -184,9 +190,18 @@ mod tests {
     fn refuses_misaligned_empty_overlapping_outside() {
         let l = layout();
         let bad = |r: &[MemRange]| check_ranges(r, Some(&l)).unwrap_err();
-        assert!(matches!(bad(&[MemRange::new(1, P)]), RangeError::Misaligned { .. }));
-        assert!(matches!(bad(&[MemRange::new(0, P + 1)]), RangeError::Misaligned { .. }));
-        assert!(matches!(bad(&[MemRange::new(P, 0)]), RangeError::Empty { .. }));
+        assert!(matches!(
+            bad(&[MemRange::new(1, P)]),
+            RangeError::Misaligned { .. }
+        ));
+        assert!(matches!(
+            bad(&[MemRange::new(0, P + 1)]),
+            RangeError::Misaligned { .. }
+        ));
+        assert!(matches!(
+            bad(&[MemRange::new(P, 0)]),
+            RangeError::Empty { .. }
+        ));
         assert!(matches!(
             bad(&[MemRange::new(0, 2 * P), MemRange::new(P, P)]),
             RangeError::Overlap { .. }
@@ -196,9 +211,18 @@ mod tests {
             RangeError::Overlap { .. }
         ));
         // Straddles the hole between the two regions.
-        assert!(matches!(bad(&[MemRange::new(15 * P, 2 * P)]), RangeError::OutsideMemory { .. }));
-        assert!(matches!(bad(&[MemRange::new(20 * P, P)]), RangeError::OutsideMemory { .. }));
-        assert!(matches!(bad(&[MemRange::new(40 * P, P)]), RangeError::OutsideMemory { .. }));
+        assert!(matches!(
+            bad(&[MemRange::new(15 * P, 2 * P)]),
+            RangeError::OutsideMemory { .. }
+        ));
+        assert!(matches!(
+            bad(&[MemRange::new(20 * P, P)]),
+            RangeError::OutsideMemory { .. }
+        ));
+        assert!(matches!(
+            bad(&[MemRange::new(40 * P, P)]),
+            RangeError::OutsideMemory { .. }
+        ));
         assert!(matches!(
             bad(&[MemRange::new(u64::MAX - P + 1, P)]),
             RangeError::Overflow { .. }
