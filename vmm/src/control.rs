@@ -5,8 +5,14 @@ use api::{ApiError, ApiReceiver, ApiRequest, ApiResponse, EventMonitor, VmState,
 
 use crate::config::VmConfig;
 use crate::console::Console;
+use crate::live_migration::{
+    idle_status, start_destination, start_source, Listener, LoopLink, SourcePlan, StatusCell,
+    WorkerRequest,
+};
+use crate::migration::MemRange;
 use crate::seccomp::SeccompMode;
-use crate::snapshot::{self, SnapshotError};
+use crate::snapshot::{self, SnapshotError, VmSnapshot};
+use crate::vm::Start;
 use crate::vm::{Vm, VmError, VmOutcome};
 
 /// Why the control loop returned.
@@ -25,6 +31,10 @@ pub struct Vmm {
     api: Option<ApiReceiver>,
     seccomp: SeccompMode,
     events: EventMonitor,
+    migration: StatusCell,
+    link: LoopLink,
+    link_rx: std::sync::mpsc::Receiver<WorkerRequest>,
+    link_evt: std::sync::Arc<vmm_sys_util::eventfd::EventFd>,
 }
 
 fn api_error(e: &VmError) -> ApiError {
@@ -42,19 +52,28 @@ fn no_vm() -> ApiError {
 
 impl Vmm {
     /// A VMM serving `api`, if any; its VMs' threads get `seccomp` filters.
-    pub fn new(api: Option<ApiReceiver>, seccomp: SeccompMode, events: EventMonitor) -> Self {
+    pub fn new(
+        api: Option<ApiReceiver>,
+        seccomp: SeccompMode,
+        events: EventMonitor,
+    ) -> std::io::Result<Self> {
         events.emit(
             "vmm",
             "started",
             serde_json::json!({"pid": std::process::id()}),
         );
-        Self {
+        let (link, link_rx, link_evt) = LoopLink::new()?;
+        Ok(Self {
             vm: None,
             console: None,
             api,
             seccomp,
             events,
-        }
+            migration: std::sync::Arc::new(std::sync::Mutex::new(idle_status())),
+            link,
+            link_rx,
+            link_evt,
+        })
     }
 
     fn emit(&self, event: &str, properties: serde_json::Value) {
@@ -68,6 +87,10 @@ impl Vmm {
 
     /// Builds the VM (`vm.create`).
     pub fn create_vm(&mut self, config: &VmConfig) -> Result<(), ApiError> {
+        self.build_vm(config, Start::Boot)
+    }
+
+    fn build_vm(&mut self, config: &VmConfig, start: Start) -> Result<(), ApiError> {
         if let Some(vm) = &self.vm {
             if vm.state() != VmState::Shutdown {
                 return Err(ApiError::new(
@@ -87,7 +110,7 @@ impl Vmm {
         }
         let console = self.console.as_ref().ok_or_else(no_vm)?;
         self.vm = None;
-        self.vm = Some(Vm::new(config, console, self.seccomp).map_err(|e| api_error(&e))?);
+        self.vm = Some(Vm::build(config, console, self.seccomp, start).map_err(|e| api_error(&e))?);
         self.emit(
             "created",
             serde_json::json!({"vcpus": config.cpus.boot, "memory": config.memory.size}),
@@ -133,13 +156,186 @@ impl Vmm {
             ApiRequest::VmCounters => self.vm().map(|vm| vm.counters()),
             ApiRequest::VmSnapshot(cfg) => done(self.snapshot_vm(&cfg.destination_url)),
             ApiRequest::VmRestore(cfg) => done(self.restore_vm(&cfg.source_url)),
-            ApiRequest::VmSendMigration(_)
-            | ApiRequest::VmReceiveMigration(_)
-            | ApiRequest::VmMigrationStatus => {
-                Err(ApiError::new(501, "live migration is not implemented yet"))
-            }
+            ApiRequest::VmSendMigration(data) => done(self.send_migration(&data)),
+            ApiRequest::VmReceiveMigration(data) => done(self.receive_migration(&data)),
+            ApiRequest::VmMigrationStatus => self
+                .migration
+                .lock()
+                .map_err(|_| ApiError::new(500, "migration status unavailable"))
+                .and_then(|s| serde_json::to_value(&*s).map_err(|e| ApiError::from_error(500, &e))),
         };
         (resp, false)
+    }
+
+    fn migration_active(&self) -> bool {
+        self.migration
+            .lock()
+            .is_ok_and(|s| s.phase == api::MigrationPhase::Active)
+    }
+
+    fn send_migration(&mut self, data: &api::SendMigrationData) -> Result<(), ApiError> {
+        if self.migration_active() {
+            return Err(ApiError::new(409, "a migration is already running"));
+        }
+        let url = data
+            .destination()
+            .map_err(|e| ApiError::from_error(400, &e))?;
+        let vm = self.vm()?;
+        if vm.state() != VmState::Running {
+            return Err(ApiError::new(
+                409,
+                format!("only a running VM can migrate (it is {:?})", vm.state()),
+            ));
+        }
+        let plan = SourcePlan {
+            url,
+            channels: data.channel_count().try_into().unwrap_or(1),
+            downtime: data.downtime(),
+            memory: vm.memory().clone(),
+            dirty: vm.dirty_tracker(),
+            regions: vm
+                .memory_ranges()
+                .into_iter()
+                .map(|r| MemRange {
+                    gpa: r.gpa,
+                    len: r.len,
+                })
+                .collect(),
+            vcpus: vm.config().cpus.boot.into(),
+            config_json: serde_json::to_string(vm.config())
+                .map_err(|e| ApiError::from_error(500, &e))?,
+        };
+        if let Ok(mut s) = self.migration.lock() {
+            *s = idle_status();
+            s.phase = api::MigrationPhase::Active;
+        }
+        start_source(plan, self.link.clone(), self.migration.clone())
+            .map_err(|e| ApiError::from_error(500, &e))?;
+        self.events.emit(
+            "vm",
+            "migration-started",
+            serde_json::json!({"destination_url": data.destination_url}),
+        );
+        Ok(())
+    }
+
+    fn receive_migration(&mut self, data: &api::ReceiveMigrationData) -> Result<(), ApiError> {
+        if self.migration_active() {
+            return Err(ApiError::new(409, "a migration is already running"));
+        }
+        if let Some(vm) = &self.vm {
+            if vm.state() != VmState::Shutdown {
+                return Err(ApiError::new(
+                    409,
+                    format!("a VM already exists and is {:?}", vm.state()),
+                ));
+            }
+        }
+        let url = data.receiver().map_err(|e| ApiError::from_error(400, &e))?;
+        let listener = Listener::bind(&url).map_err(|e| ApiError::new(400, e))?;
+        if let Ok(mut s) = self.migration.lock() {
+            *s = idle_status();
+            s.phase = api::MigrationPhase::Active;
+        }
+        start_destination(listener, self.link.clone(), self.migration.clone())
+            .map_err(|e| ApiError::from_error(500, &e))?;
+        self.events.emit(
+            "vm",
+            "migration-listening",
+            serde_json::json!({"receiver_url": data.receiver_url}),
+        );
+        Ok(())
+    }
+
+    /// Serves what a migration worker asks; true when the VMM should report an exit.
+    fn handle_worker(&mut self, req: WorkerRequest) {
+        match req {
+            WorkerRequest::PauseAndSave(reply) => {
+                let result = self.pause_and_save();
+                let _ = reply.send(result);
+            }
+            WorkerRequest::SourceDone(Ok(())) => {
+                // The guest runs on the destination now; this copy must never run again.
+                if let Some(vm) = self.vm.as_mut() {
+                    vm.shutdown();
+                }
+                if let Some(c) = &self.console {
+                    c.detach();
+                }
+                self.emit("migrated", serde_json::json!({"direction": "out"}));
+            }
+            WorkerRequest::SourceDone(Err(e)) => {
+                log::warn!("migration failed: {e}; the VM keeps running here");
+                if let Ok(mut s) = self.migration.lock() {
+                    s.phase = api::MigrationPhase::Failed;
+                    s.error = Some(e.clone());
+                }
+                if let Some(vm) = self.vm.as_mut() {
+                    if vm.state() == VmState::Paused {
+                        if let Err(e) = vm.resume() {
+                            log::error!("cannot resume after a failed migration: {e}");
+                        }
+                    }
+                }
+                self.emit("migration-failed", serde_json::json!({"error": e}));
+            }
+            WorkerRequest::CreateVm(config, reply) => {
+                let result = self
+                    .build_vm(&config, Start::Restore)
+                    .map_err(|e| e.error)
+                    .and_then(|()| {
+                        self.vm
+                            .as_ref()
+                            .map(|vm| vm.memory().clone())
+                            .ok_or_else(|| "no VM".to_string())
+                    });
+                let _ = reply.send(result);
+            }
+            WorkerRequest::ApplyState(blob, reply) => {
+                let t = std::time::Instant::now();
+                let result = serde_json::from_slice::<VmSnapshot>(&blob)
+                    .map_err(|e| format!("the VM state does not parse: {e}"))
+                    .and_then(|snap| {
+                        let vm = self.vm.as_mut().ok_or("no VM")?;
+                        vm.apply_snapshot(&snap).map_err(|e| e.to_string())
+                    });
+                log::info!("migration: state applied in {:?}", t.elapsed());
+                let _ = reply.send(result);
+            }
+            WorkerRequest::Resume(reply) => {
+                let result = self.resume_vm().map_err(|e| e.error);
+                let _ = reply.send(result);
+            }
+            WorkerRequest::DestinationDone(Ok(())) => {
+                self.emit("migrated", serde_json::json!({"direction": "in"}));
+            }
+            WorkerRequest::DestinationDone(Err(e)) => {
+                log::warn!("incoming migration failed: {e}");
+                if let Some(vm) = self.vm.as_mut() {
+                    vm.shutdown();
+                }
+                self.vm = None;
+                self.emit("migration-failed", serde_json::json!({"error": e}));
+            }
+        }
+    }
+
+    fn pause_and_save(&mut self) -> Result<Vec<u8>, String> {
+        let vm = self.vm.as_mut().ok_or("no VM")?;
+        let t = std::time::Instant::now();
+        vm.pause().map_err(|e| e.to_string())?;
+        let paused = t.elapsed();
+        let snap = vm.save_snapshot().map_err(|e| e.to_string());
+        let saved = t.elapsed();
+        let blob = snap.and_then(|s| serde_json::to_vec(&s).map_err(|e| e.to_string()));
+        log::info!(
+            "migration: paused in {paused:?}, state saved at {saved:?}, encoded at {:?}",
+            t.elapsed()
+        );
+        if blob.is_err() {
+            let _ = vm.resume();
+        }
+        blob
     }
 
     fn snapshot_vm(&mut self, url: &str) -> Result<(), ApiError> {
@@ -239,7 +435,8 @@ impl Vmm {
     /// Serves requests until the guest leaves or `vmm.shutdown`.
     pub fn run(&mut self) -> VmmExit {
         loop {
-            let mut fds = Vec::with_capacity(2);
+            let mut fds = Vec::with_capacity(4);
+            fds.push(pollfd(&self.link_evt));
             if let Some(api) = &self.api {
                 fds.push(pollfd(api.eventfd()));
             }
@@ -251,12 +448,16 @@ impl Vmm {
                 fds.push(pollfd(vm.exit_event().fd()));
                 fds.push(pollfd(vm.virtio().activation_eventfd()));
             }
-            if fds.is_empty() {
+            if self.api.is_none() && !vm_live {
                 // No API and no running VM: nothing can ever happen.
                 return VmmExit::Shutdown;
             }
             // SAFETY: `fds` is a valid array of pollfd for the duration of the call.
             unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) };
+            let _ = self.link_evt.read();
+            while let Ok(req) = self.link_rx.try_recv() {
+                self.handle_worker(req);
+            }
 
             if let Some(vm) = self.vm.as_mut().filter(|_| vm_live) {
                 vm.virtio().activate_pending();

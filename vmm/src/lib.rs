@@ -13,6 +13,7 @@ pub mod console;
 pub mod cpu;
 pub mod dirty;
 pub mod layout;
+pub mod live_migration;
 pub mod logger;
 pub mod memory;
 pub mod migration;

@@ -51,7 +51,10 @@ fn run(cli: &Cli) -> ExitCode {
         },
         None => (None, None),
     };
-    let mut vmm = Vmm::new(receiver, cli.seccomp, events);
+    let mut vmm = match Vmm::new(receiver, cli.seccomp, events) {
+        Ok(v) => v,
+        Err(e) => return fail(format_args!("control loop: {e}")),
+    };
     let code = run_vmm(&mut vmm, config, restore);
     vmm.flush_events();
     // The control loop's receiver goes first, so the server's pending calls fail at once.

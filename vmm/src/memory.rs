@@ -42,6 +42,26 @@ pub fn create_guest_memory(size: u64) -> Result<GuestMemory, MemoryError> {
     Ok(mem)
 }
 
+/// Faults in every page of guest RAM now (MADV_POPULATE_WRITE), so a restore or an incoming
+/// migration writes at memcpy speed instead of paying the host's first-touch cost (~0.5 GB/s
+/// on kvm_pvm) while the guest is stopped. Only advice: an older kernel skips it.
+pub fn prefault(mem: &GuestMemory) {
+    for region in mem.iter() {
+        // SAFETY: madvise on a mapping this region owns, over exactly its length;
+        // MADV_POPULATE_WRITE only allocates the pages, their contents stay zero.
+        let r = unsafe {
+            libc::madvise(
+                region.as_ptr().cast(),
+                region.len() as usize,
+                libc::MADV_POPULATE_WRITE,
+            )
+        };
+        if r != 0 {
+            log::debug!("MADV_POPULATE_WRITE: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
 /// Asks for transparent huge pages behind guest RAM: first touches and the hypervisor's page
 /// tables get much cheaper (measured on kvm_pvm: 4 KiB host pages fault in at ~0.4-0.7 GB/s).
 /// Only advice: a kernel without THP keeps 4 KiB pages.

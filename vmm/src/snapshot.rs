@@ -143,16 +143,21 @@ pub fn url_dir(url: &str) -> Result<PathBuf> {
     }
 }
 
+/// The RAM regions of `memory`.
+pub fn memory_ranges_of(memory: &crate::memory::GuestMemory) -> Vec<MemoryRange> {
+    memory
+        .iter()
+        .map(|r| MemoryRange {
+            gpa: r.start_addr().0,
+            len: r.len(),
+        })
+        .collect()
+}
+
 impl Vm {
     /// The guest RAM regions.
     pub fn memory_ranges(&self) -> Vec<MemoryRange> {
-        self.memory
-            .iter()
-            .map(|r| MemoryRange {
-                gpa: r.start_addr().0,
-                len: r.len(),
-            })
-            .collect()
+        memory_ranges_of(&self.memory)
     }
 
     /// Captures everything but memory; the VM must be paused (vCPUs parked, devices stopped).

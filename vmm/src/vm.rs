@@ -120,7 +120,7 @@ impl From<ExitRequest> for VmOutcome {
 /// Fields drop in order: KVM's handles first, guest memory last, so KVM never maps memory
 /// that is gone (`Drop` has already stopped the vCPU threads).
 pub struct Vm {
-    pub(crate) fd: VmFd,
+    pub(crate) fd: Arc<VmFd>,
     pub(crate) vcpu_fds: Vec<SharedVcpuFd>,
     pending: Vec<Vcpu>,
     threads: Vec<JoinHandle<()>>,
@@ -183,7 +183,10 @@ impl Vm {
                 log::info!("boot entry: {entry:?}");
                 Some(entry)
             }
-            Start::Restore => None,
+            Start::Restore => {
+                crate::memory::prefault(&memory);
+                None
+            }
         };
 
         let control = Arc::new(VcpuControl::default());
@@ -219,7 +222,7 @@ impl Vm {
             serial,
             vcpu_fds,
             kvm,
-            fd,
+            fd: Arc::new(fd),
         })
     }
 

@@ -67,6 +67,14 @@ pub enum ChannelError {
     /// The destination sent an Error.
     #[error("the destination failed: {0}")]
     Remote(String),
+    /// The source failed, and the destination had sent an Error.
+    #[error("{local}; the destination reported: {remote}")]
+    LocalAndRemote {
+        /// What failed here.
+        local: Box<ChannelError>,
+        /// The destination's Error message.
+        remote: String,
+    },
     /// The source sent Abandon where the receiver needed something else.
     #[error("the source abandoned the migration: {0}")]
     Abandoned(String),
@@ -98,6 +106,9 @@ pub enum ChannelError {
         /// The round awaited.
         round: u64,
     },
+    /// Channel 0 was silent for longer than the idle timeout.
+    #[error("no migration message for {0:?}")]
+    Idle(Duration),
     /// Data channels made no progress towards a barrier.
     #[error("migration data channels made no progress for {0:?}")]
     Stalled(Duration),
@@ -132,8 +143,8 @@ fn io_call(channel: u16, what: &'static str) -> impl Fn(io::Error) -> ChannelErr
     }
 }
 
-/// Locks a mutex, carrying on if a panicking thread poisoned it: the data under these locks
-/// stays consistent at every await point, and a panic already fails the transfer.
+/// Locks a mutex, carrying on if a panicking thread poisoned it: every critical section here
+/// leaves its data consistent, and a dead thread already shows as a failed or stalled channel.
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(PoisonError::into_inner)
 }
@@ -327,10 +338,15 @@ impl Sender {
         self.failed = true;
         let e = match e {
             ChannelError::Remote(_) => e,
-            other => self
-                .remote_reason()
-                .map(ChannelError::Remote)
-                .unwrap_or(other),
+            // Keep our own view (a reset may be the network's doing or the destination's)
+            // next to the destination's, if it said anything.
+            local => match self.remote_reason() {
+                Some(remote) => ChannelError::LocalAndRemote {
+                    local: Box::new(local),
+                    remote,
+                },
+                None => local,
+            },
         };
         self.shutdown_all(Shutdown::Both);
         e
@@ -526,8 +542,12 @@ impl RoundJob<'_> {
 pub struct ReceiverOptions {
     /// Message size limits; must match the sender's.
     pub limits: Limits,
-    /// Bound on every read and write; a channel silent this long fails the transfer.
+    /// Bound on every read and write: a message that stops arriving halfway this long fails
+    /// the transfer, and so do data channels that owe a barrier and stay silent twice as long.
     pub io_timeout: Duration,
+    /// How long channel 0 may be silent between two messages (between rounds, or between
+    /// COLO checkpoints) before [`Receiver::next_event`] fails.
+    pub idle_timeout: Duration,
 }
 
 impl Default for ReceiverOptions {
@@ -535,6 +555,7 @@ impl Default for ReceiverOptions {
         ReceiverOptions {
             limits: Limits::default(),
             io_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -566,6 +587,8 @@ struct Progress {
     error: Option<ChannelError>,
     /// Whether the transfer failed (the error may have been taken already).
     failed: bool,
+    /// Whether the source was told and the streams shut down, after a failure.
+    reported: bool,
     /// Messages handled by data channels, to tell a slow round from a stuck one.
     activity: u64,
     stats: PageStats,
@@ -583,11 +606,14 @@ struct Shared {
 }
 
 impl Shared {
-    /// Fails the transfer with `e` unless it already failed: tells the source (best effort)
-    /// and shuts every stream down, which wakes every thread blocked on one.
-    fn fail(&self, e: ChannelError) {
+    /// Fails the transfer with `e` unless it already failed: publishes the error, tells the
+    /// source (best effort) and shuts every stream down, which wakes every thread blocked on
+    /// one. Gives `e` back if the transfer had already failed (it is then a consequence, not
+    /// the cause).
+    #[must_use]
+    fn fail(&self, e: ChannelError) -> Option<ChannelError> {
         if self.stopping.load(Ordering::Relaxed) {
-            return;
+            return Some(e);
         }
         // The source wraps this in "the destination failed", so send a rejection's own words.
         let message = match &e {
@@ -597,7 +623,7 @@ impl Shared {
         {
             let mut p = lock(&self.progress);
             if p.failed {
-                return;
+                return Some(e);
             }
             p.failed = true;
             p.error = Some(e);
@@ -611,15 +637,32 @@ impl Shared {
         for h in &self.handles {
             let _ = h.shutdown(Shutdown::Both);
         }
+        lock(&self.progress).reported = true;
+        self.changed.notify_all();
+        None
     }
 
-    /// Takes the recorded error, if the transfer failed.
-    fn take_error(&self) -> Option<ChannelError> {
+    /// Waits (at most `limit`) until a failure has been reported to the source, so that the
+    /// caller, who may drop the receiver next, does not cut the Error message off.
+    fn wait_reported(&self, limit: Duration) {
+        let deadline = Instant::now() + limit;
         let mut p = lock(&self.progress);
-        if !p.failed {
-            return None;
+        while p.failed && !p.reported {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return;
+            }
+            p = self
+                .changed
+                .wait_timeout(p, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
-        Some(p.error.take().unwrap_or(ChannelError::AlreadyFailed))
+    }
+
+    /// Takes the recorded error, if one is waiting.
+    fn take_error(&self) -> Option<ChannelError> {
+        lock(&self.progress).error.take()
     }
 }
 
@@ -645,7 +688,7 @@ impl Receiver {
         streams: Vec<Box<dyn Transport>>,
         opts: ReceiverOptions,
     ) -> Result<Self, ChannelError> {
-        if opts.io_timeout.is_zero() {
+        if opts.io_timeout.is_zero() || opts.idle_timeout.is_zero() {
             return Err(ChannelError::Options("timeouts must be non-zero"));
         }
         let count = channel_count(streams.len())?;
@@ -696,6 +739,7 @@ impl Receiver {
                     ended: vec![false; data],
                     error: None,
                     failed: false,
+                    reported: false,
                     activity: 0,
                     stats: PageStats::default(),
                 }),
@@ -786,7 +830,7 @@ impl Receiver {
     pub fn reject(&mut self, message: &str) {
         if !self.failed {
             self.failed = true;
-            self.shared.fail(ChannelError::Remote(message.to_owned()));
+            let _ = self.shared.fail(ChannelError::Remote(message.to_owned()));
         }
     }
 
@@ -804,21 +848,33 @@ impl Receiver {
             Ok(v) => Ok(v),
             Err(e) => {
                 self.failed = true;
-                self.shared.fail(e);
+                // If a data channel failed first, its error is the cause; if `e` is that error
+                // (already taken out by wait_barrier), it comes back from `fail`.
+                let unrecorded = self.shared.fail(e);
+                self.shared
+                    .wait_reported(self.opts.io_timeout + Duration::from_secs(1));
                 Err(self
                     .shared
                     .take_error()
+                    .or(unrecorded)
                     .unwrap_or(ChannelError::AlreadyFailed))
             }
         }
     }
 
     fn event_inner(&mut self) -> Result<Event, ChannelError> {
+        let idle_since = Instant::now();
         loop {
             if let Some(e) = self.shared.take_error() {
                 return Err(e);
             }
-            let msg = self.control.next_message().map_err(proto(0))?;
+            let msg = match self.control.next_message() {
+                Err(ProtocolError::Idle) if idle_since.elapsed() < self.opts.idle_timeout => {
+                    continue
+                }
+                Err(ProtocolError::Idle) => return Err(ChannelError::Idle(idle_since.elapsed())),
+                other => other.map_err(proto(0))?,
+            };
             match msg {
                 Message::MemoryPages { .. } | Message::MemoryZero { .. } => {
                     let dest = self.dest.as_deref().ok_or(ChannelError::NotStarted)?;
@@ -950,6 +1006,14 @@ fn data_channel(
                 got: other.kind(),
                 when: "on a data channel",
             }),
+            // Quiet between rounds or checkpoints: wait on, unless the transfer is over. A
+            // channel that owes a barrier and stays quiet is wait_barrier's to catch.
+            Err(ProtocolError::Idle) => {
+                if shared.stopping.load(Ordering::Relaxed) || lock(&shared.progress).failed {
+                    return;
+                }
+                Ok(())
+            }
             Err(ProtocolError::Closed) => {
                 // The end between two messages is an error only if a barrier is still owed,
                 // which wait_barrier decides.
@@ -963,7 +1027,7 @@ fn data_channel(
             }),
         };
         if let Err(e) = step {
-            shared.fail(e);
+            let _ = shared.fail(e);
             return;
         }
     }

@@ -35,6 +35,9 @@ pub enum ProtocolError {
     /// A read or write made no progress within the transport's timeout.
     #[error("migration stream timed out")]
     Timeout,
+    /// No message began within the transport's timeout; the stream is still usable.
+    #[error("no migration message within the I/O timeout")]
+    Idle,
     /// The peer closed the stream between two messages.
     #[error("migration stream closed by the peer")]
     Closed,
@@ -723,10 +726,24 @@ impl<R: Read> StreamReader<R> {
     /// was set.
     pub fn next_message(&mut self) -> Result<Message<'_>, ProtocolError> {
         let mut hdr = [0u8; FRAME_HEADER_LEN];
-        let got = read_full(&mut self.inner, &mut hdr)?;
-        if got == 0 {
+        // A timeout before the first byte of a message leaves the stream in sync (the peer
+        // is just quiet), unlike one inside a message: report it apart, so callers may wait on.
+        let first = loop {
+            match self.inner.read(&mut hdr) {
+                Ok(n) => break n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    return Err(match io_err(e) {
+                        ProtocolError::Timeout => ProtocolError::Idle,
+                        other => other,
+                    })
+                }
+            }
+        };
+        if first == 0 {
             return Err(ProtocolError::Closed);
         }
+        let got = first + read_full(&mut self.inner, &mut hdr[first..])?;
         if got < FRAME_HEADER_LEN {
             return Err(ProtocolError::Truncated {
                 what: "a message header",

@@ -111,7 +111,8 @@ fn check_one(r: MemRange) -> Result<u64, RangeError> {
     if r.len == 0 {
         return Err(RangeError::Empty { gpa: r.gpa });
     }
-    if r.gpa % PAGE_SIZE != 0 || r.len % PAGE_SIZE != 0 {
+    // PAGE_SIZE is a power of two: a mask tests alignment.
+    if r.gpa & (PAGE_SIZE - 1) != 0 || r.len & (PAGE_SIZE - 1) != 0 {
         return Err(RangeError::Misaligned {
             gpa: r.gpa,
             len: r.len,

@@ -35,7 +35,7 @@ impl VecMemory {
             let mut v = v.lock().unwrap();
             for (i, page) in v.chunks_mut(4096).enumerate() {
                 let pageno = r.gpa / 4096 + i as u64;
-                if zero_every != 0 && pageno % zero_every == 0 {
+                if zero_every != 0 && pageno.is_multiple_of(zero_every) {
                     continue;
                 }
                 let mut x = pageno.wrapping_mul(0x9e37_79b9_7f4a_7c15) ^ seed;

@@ -45,6 +45,21 @@ pub trait Transport: Read + Write + Send + Sync {
     fn shutdown(&self, how: Shutdown) -> io::Result<()>;
 }
 
+/// Lets wrappers (and tests) stack transports.
+impl<T: Transport + ?Sized> Transport for Box<T> {
+    fn set_io_timeout(&self, timeout: Duration) -> io::Result<()> {
+        (**self).set_io_timeout(timeout)
+    }
+
+    fn try_clone_transport(&self) -> io::Result<Box<dyn Transport>> {
+        (**self).try_clone_transport()
+    }
+
+    fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        (**self).shutdown(how)
+    }
+}
+
 /// Refuses a zero timeout, which std's socket calls reject and the kernel reads as "forever".
 fn nonzero(timeout: Duration) -> io::Result<Duration> {
     if timeout.is_zero() {
