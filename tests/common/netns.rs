@@ -116,3 +116,140 @@ impl Drop for TestNet {
         let _ = run(&["ip", "netns", "del", &self.client]);
     }
 }
+
+/// Two VMM hosts and a client on one switch: the topology a migration (and later COLO) needs.
+///
+/// ```text
+///   ns A (source host)        ns B (destination host)       ns C (client)
+///   tap0 + va on br0          tap0 + vb on br0              vc 192.168.100.1
+///   br0 192.168.100.10        br0 192.168.100.11
+///            \__________________ ns S: br0 __________________/
+/// ```
+pub struct TwoHostNet {
+    /// Source host namespace.
+    pub a: String,
+    /// Destination host namespace.
+    pub b: String,
+    /// Client namespace.
+    pub client: String,
+    switch: String,
+}
+
+/// Host-side address of host A's bridge.
+pub const HOST_A_IP: &str = "192.168.100.10";
+/// Host-side address of host B's bridge.
+pub const HOST_B_IP: &str = "192.168.100.11";
+
+impl TwoHostNet {
+    /// Builds the four namespaces; each host has a `tap0` on its bridge.
+    pub fn create() -> TwoHostNet {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let id = format!("{}-{n}", std::process::id());
+        let net = TwoHostNet {
+            a: format!("cvm-{id}-a"),
+            b: format!("cvm-{id}-b"),
+            client: format!("cvm-{id}-c"),
+            switch: format!("cvm-{id}-s"),
+        };
+        for ns in [&net.a, &net.b, &net.client, &net.switch] {
+            must(&["ip", "netns", "add", ns]);
+            must(&["ip", "-n", ns, "link", "set", "lo", "up"]);
+        }
+        must(&[
+            "ip",
+            "-n",
+            &net.switch,
+            "link",
+            "add",
+            "br0",
+            "type",
+            "bridge",
+        ]);
+        must(&["ip", "-n", &net.switch, "link", "set", "br0", "up"]);
+        for (ns, port, ip) in [
+            (&net.a, "pa", Some(HOST_A_IP)),
+            (&net.b, "pb", Some(HOST_B_IP)),
+            (&net.client, "pc", None),
+        ] {
+            must(&[
+                "ip",
+                "link",
+                "add",
+                port,
+                "netns",
+                &net.switch,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "up0",
+                "netns",
+                ns,
+            ]);
+            must(&[
+                "ip",
+                "-n",
+                &net.switch,
+                "link",
+                "set",
+                port,
+                "master",
+                "br0",
+            ]);
+            must(&["ip", "-n", &net.switch, "link", "set", port, "up"]);
+            match ip {
+                Some(ip) => {
+                    must(&["ip", "-n", ns, "link", "add", "br0", "type", "bridge"]);
+                    must(&["ip", "-n", ns, "link", "set", "up0", "master", "br0"]);
+                    must(&[
+                        "ip", "netns", "exec", ns, "ip", "tuntap", "add", "dev", "tap0", "mode",
+                        "tap", "vnet_hdr",
+                    ]);
+                    must(&["ip", "-n", ns, "link", "set", "tap0", "master", "br0"]);
+                    must(&[
+                        "ip",
+                        "-n",
+                        ns,
+                        "addr",
+                        "add",
+                        &format!("{ip}/24"),
+                        "dev",
+                        "br0",
+                    ]);
+                    for dev in ["br0", "up0", "tap0"] {
+                        must(&["ip", "-n", ns, "link", "set", dev, "up"]);
+                    }
+                }
+                None => {
+                    must(&[
+                        "ip",
+                        "-n",
+                        ns,
+                        "addr",
+                        "add",
+                        &format!("{CLIENT_IP}/24"),
+                        "dev",
+                        "up0",
+                    ]);
+                    must(&["ip", "-n", ns, "link", "set", "up0", "up"]);
+                }
+            }
+        }
+        net
+    }
+
+    /// A command that runs `program` inside namespace `ns`.
+    pub fn cmd_in(ns: &str, program: &str) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", ns, program]);
+        cmd
+    }
+}
+
+impl Drop for TwoHostNet {
+    fn drop(&mut self) {
+        for ns in [&self.a, &self.b, &self.client, &self.switch] {
+            let _ = run(&["ip", "netns", "del", ns]);
+        }
+    }
+}

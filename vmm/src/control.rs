@@ -304,6 +304,9 @@ impl Vmm {
             }
             WorkerRequest::Resume(reply) => {
                 let result = self.resume_vm().map_err(|e| e.error);
+                if let Some(vm) = &self.vm {
+                    vm.virtio().announce();
+                }
                 let _ = reply.send(result);
             }
             WorkerRequest::DestinationDone(Ok(())) => {
@@ -387,9 +390,13 @@ impl Vmm {
         Ok(())
     }
 
-    /// Resumes the VM (after a restore from the command line).
+    /// Resumes the VM after a restore from the command line, announcing its NICs.
     pub fn resume(&mut self) -> Result<(), ApiError> {
-        self.resume_vm()
+        self.resume_vm()?;
+        if let Some(vm) = &self.vm {
+            vm.virtio().announce();
+        }
+        Ok(())
     }
 
     fn pause_vm(&mut self) -> Result<(), ApiError> {

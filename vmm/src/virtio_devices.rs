@@ -9,7 +9,7 @@ use devices::bus::{Bus, BusError};
 use devices::state::{ComponentState, StateError, Stateful};
 use devices::virtio::block::{Block, BlockConfig, RawFile};
 use devices::virtio::mmio::{MmioTransport, TransportError, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
-use devices::virtio::net::{FilterChain, Net, Tap};
+use devices::virtio::net::{Direction, FilterChain, Injector, Net, Packet, Tap};
 use devices::virtio::VirtioDevice;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -118,6 +118,27 @@ pub struct DeviceMeta {
     pub kind: &'static str,
     /// Its counters.
     pub counters: CounterReader,
+    /// For NICs: how to send frames as the guest, and the guest's MAC.
+    pub announce: Option<(Injector, [u8; 6])>,
+}
+
+/// A RARP "I am here" frame from `mac`, as QEMU sends after a migration, so switches learn
+/// the guest's new port before the guest itself says anything.
+pub fn rarp_announce(mac: [u8; 6]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(60);
+    f.extend_from_slice(&[0xff; 6]); // broadcast
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&0x8035u16.to_be_bytes()); // RARP
+    f.extend_from_slice(&1u16.to_be_bytes()); // Ethernet
+    f.extend_from_slice(&0x0800u16.to_be_bytes()); // IPv4
+    f.extend_from_slice(&[6, 4]);
+    f.extend_from_slice(&3u16.to_be_bytes()); // reverse request
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.resize(60, 0); // minimum Ethernet frame
+    f
 }
 
 /// The virtio devices of a VM and the addresses/IRQs they got.
@@ -227,6 +248,19 @@ impl VirtioDevices {
             .collect()
     }
 
+    /// Announces every NIC's MAC on its tap (after the VM moved: migration, restore).
+    pub fn announce(&self) {
+        for (inj, mac) in self.meta.iter().filter_map(|m| m.announce.as_ref()) {
+            // Three, like QEMU: one may be lost while the new port comes up.
+            for _ in 0..3 {
+                let pkt = Packet::from_frame(&rarp_announce(*mac));
+                if let Err(e) = inj.inject(Direction::Tx, pkt) {
+                    log::warn!("announce: {e:?}");
+                }
+            }
+        }
+    }
+
     /// Every device's counters, keyed by device id.
     pub fn counters(&self) -> serde_json::Map<String, serde_json::Value> {
         self.meta
@@ -324,6 +358,7 @@ pub fn block_device(
         id,
         kind: "virtio-blk",
         counters: Box::new(move || counters.to_json()),
+        announce: None,
     };
     Ok((block, meta))
 }
@@ -364,6 +399,7 @@ pub fn net_device(net: &NetConfig) -> Result<(Net, DeviceMeta), VirtioAttachErro
         id: net.tap.clone(),
         kind: "virtio-net",
         counters: Box::new(move || serde_json::to_value(counters.snapshot()).unwrap_or_default()),
+        announce: Some((dev.injector(), mac)),
     };
     Ok((dev, meta))
 }
@@ -378,6 +414,16 @@ mod tests {
         assert_eq!(a, default_mac("tap0"));
         assert_ne!(a, default_mac("tap1"));
         assert_eq!(a[0] & 1, 0);
+    }
+
+    #[test]
+    fn rarp_frames_are_well_formed() {
+        let mac = [0x52, 0x54, 0, 1, 2, 3];
+        let f = rarp_announce(mac);
+        assert_eq!(f.len(), 60);
+        assert_eq!(&f[6..12], &mac);
+        assert_eq!(&f[12..14], &[0x80, 0x35]);
+        assert_eq!(&f[22..28], &mac);
     }
 
     #[test]

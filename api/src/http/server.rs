@@ -281,7 +281,9 @@ impl Worker {
             // Err: the acceptor has exited and the queue is empty.
             let Ok(stream) = next else { return };
             if self.register(&stream) {
-                serve(&stream, &self.sender, &self.limits);
+                // Once the request goes to the control loop its reply is owed: `stop` must not
+                // cut the connection (vmm.shutdown's own reply would be lost).
+                serve(&stream, &self.sender, &self.limits, || self.unregister());
             }
             self.unregister();
         }
@@ -306,11 +308,14 @@ impl Worker {
 }
 
 /// One connection: one request, one reply, close.
-fn serve(stream: &UnixStream, sender: &ApiSender, limits: &Limits) {
+fn serve(stream: &UnixStream, sender: &ApiSender, limits: &Limits, dispatching: impl FnOnce()) {
     let _ = stream.set_nonblocking(false);
     let _ = stream.set_write_timeout(Some(WRITE_TIMEOUT));
     let (response, head_only) = match read_request(stream, limits) {
-        Ok(req) => (dispatch(&req, sender), req.method == "HEAD"),
+        Ok(req) => {
+            dispatching();
+            (dispatch(&req, sender), req.method == "HEAD")
+        }
         Err(e) => {
             log::debug!("API request refused: {e}");
             (error_response(&e), false)
