@@ -204,6 +204,7 @@ impl Vmm {
             vcpus: vm.config().cpus.boot.into(),
             config_json: serde_json::to_string(vm.config())
                 .map_err(|e| ApiError::from_error(500, &e))?,
+            events: self.events.clone(),
         };
         if let Ok(mut s) = self.migration.lock() {
             *s = idle_status();
@@ -262,7 +263,16 @@ impl Vmm {
                 if let Some(c) = &self.console {
                     c.detach();
                 }
-                self.emit("migrated", serde_json::json!({"direction": "out"}));
+                let status = self
+                    .migration
+                    .lock()
+                    .ok()
+                    .and_then(|s| serde_json::to_value(&*s).ok())
+                    .unwrap_or_default();
+                self.emit(
+                    "migrated",
+                    serde_json::json!({"direction": "out", "status": status}),
+                );
             }
             WorkerRequest::SourceDone(Err(e)) => {
                 log::warn!("migration failed: {e}; the VM keeps running here");

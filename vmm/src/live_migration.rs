@@ -132,6 +132,8 @@ pub struct SourcePlan {
     pub vcpus: u32,
     /// The VM's configuration, for the destination to rebuild the hardware.
     pub config_json: String,
+    /// Where progress events go.
+    pub events: api::EventMonitor,
 }
 
 fn connect(url: &MigrationUrl, channels: u16) -> Result<Vec<Box<dyn Transport>>, String> {
@@ -256,6 +258,18 @@ fn precopy(
                 s.eta_ms = predicted_downtime.as_millis() as u64;
             }
         });
+        plan.events.emit(
+            "migration",
+            "round",
+            serde_json::json!({
+                "round": history.len(),
+                "bytes": bytes,
+                "total_bytes": sent_total,
+                "dirty_bytes": dirty_bytes,
+                "dirty_rate": rate as u64,
+                "duration_ms": duration.as_secs_f64() * 1000.0,
+            }),
+        );
         match decision {
             Decision::AnotherRound => ranges = next,
             Decision::StopAndCopy { reason, .. } => {
