@@ -234,6 +234,7 @@ fn precopy(
         let stats = sender
             .send_round(&ranges, &plan.memory)
             .map_err(|e| e.to_string())?;
+        sender.wait_round_applied().map_err(|e| e.to_string())?;
         let duration = t.elapsed();
         let bytes = stats.pages.data_bytes + stats.pages.zero_bytes;
         sent_total += bytes;
@@ -301,6 +302,7 @@ fn stop_and_copy(
     let stats = sender
         .send_round(&ranges, &plan.memory)
         .map_err(|e| e.to_string())?;
+    sender.wait_round_applied().map_err(|e| e.to_string())?;
     sender.send_state(&blob).map_err(|e| e.to_string())?;
     // Returns once the destination has loaded everything and acked: it runs from here on.
     sender.complete().map_err(|e| e.to_string())?;
@@ -518,6 +520,8 @@ fn receive(
     loop {
         match receiver.next_event().map_err(|e| e.to_string())? {
             Event::RoundDone { round } => {
+                // The source waits for this before it measures or pauses.
+                receiver.ack().map_err(|e| e.to_string())?;
                 let st = receiver.stats();
                 let bytes = st.data_bytes + st.zero_bytes;
                 update(status, |s| {

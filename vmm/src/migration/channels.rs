@@ -292,6 +292,14 @@ impl Sender {
         self.guarded(|s| s.round_inner(ranges, mem))
     }
 
+    /// Waits until the receiver has applied every page sent so far (when it acks each round).
+    ///
+    /// Without this the sender runs ahead of a slow destination, its bandwidth estimate is
+    /// the socket buffer's, and the pause ends up waiting for the destination's backlog.
+    pub fn wait_round_applied(&mut self) -> Result<(), ChannelError> {
+        self.guarded(|s| s.wait_ack())
+    }
+
     /// Sends the VM/device state on channel 0. Call after the last round of a migration or
     /// checkpoint, so the receiver hands it over only once all pages have landed.
     pub fn send_state(&mut self, blob: &[u8]) -> Result<(), ChannelError> {
