@@ -179,10 +179,17 @@ impl crate::state::Stateful for SerialPort {
             why,
         };
         if s.in_buffer.len() > FIFO_SIZE {
-            return Err(fail(format!("{} bytes in a 64-byte FIFO", s.in_buffer.len())));
+            return Err(fail(format!(
+                "{} bytes in a 64-byte FIFO",
+                s.in_buffer.len()
+            )));
         }
         let irq = self.irq.try_clone().map_err(|e| fail(e.to_string()))?;
-        let out = self.uart.writer().try_clone().map_err(|e| fail(e.to_string()))?;
+        let out = self
+            .uart
+            .writer()
+            .try_clone()
+            .map_err(|e| fail(e.to_string()))?;
         let state = vm_superio::SerialState {
             baud_divisor_low: s.baud_divisor_low,
             baud_divisor_high: s.baud_divisor_high,
@@ -214,8 +221,11 @@ mod tests {
         a.write(7, &[0x5a]); // scratch
         a.enqueue_input(b"abc");
         let saved = a.save_state().unwrap();
-        let mut b =
-            SerialPort::new(EventFd::new(libc::EFD_NONBLOCK).unwrap(), SerialOutput::Sink).unwrap();
+        let mut b = SerialPort::new(
+            EventFd::new(libc::EFD_NONBLOCK).unwrap(),
+            SerialOutput::Sink,
+        )
+        .unwrap();
         b.restore_state(&saved).unwrap();
         assert_eq!(b.save_state().unwrap(), saved);
         let mut x = [0u8];

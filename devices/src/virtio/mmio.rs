@@ -678,7 +678,11 @@ mod tests {
         let (mut other, act2, _) = transport(false);
         other.restore_state(&running).unwrap();
         assert_eq!(other.lifecycle(), DeviceLifecycle::Paused);
-        assert_eq!(act2.load(Ordering::SeqCst), 0, "restore does not start workers");
+        assert_eq!(
+            act2.load(Ordering::SeqCst),
+            0,
+            "restore does not start workers"
+        );
         other.resume_device();
         assert_eq!(other.lifecycle(), DeviceLifecycle::Active);
         assert_eq!(act2.load(Ordering::SeqCst), 1);
