@@ -3,59 +3,9 @@
 //! shutdown; and a few thousand malformed requests while the guest keeps counting.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use integration_tests::{remote_bin, testguest, Console};
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!("colovmm-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// Runs `colovmm-remote --api-socket SOCK args...`; returns (exit code, stdout, stderr).
-fn remote(sock: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(remote_bin())
-        .arg("--api-socket")
-        .arg(sock)
-        .args(args)
-        .output()
-        .expect("run colovmm-remote");
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn ok(sock: &Path, args: &[&str]) -> String {
-    let (code, out, err) = remote(sock, args);
-    assert_eq!(code, 0, "colovmm-remote {args:?}: {err}");
-    out
-}
-
-fn wait_for_socket(sock: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !sock.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "no API socket at {}",
-            sock.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
+use integration_tests::{count_of, remote, remote_ok as ok, testguest, wait_for, Console, Scratch};
 
 /// colovmm with only an API socket, then the test guest created and booted through it.
 fn api_vm(dir: &Scratch, disk: Option<&Path>) -> (Console, PathBuf) {
@@ -67,7 +17,7 @@ fn api_vm(dir: &Scratch, disk: Option<&Path>) -> (Console, PathBuf) {
         "--event-monitor",
         &format!("path={}", events.display()),
     ]);
-    wait_for_socket(&sock);
+    wait_for(&sock);
     ok(&sock, &["ping"]);
     let mut config = serde_json::json!({
         "payload": {"kernel": testguest()},
@@ -83,10 +33,6 @@ fn api_vm(dir: &Scratch, disk: Option<&Path>) -> (Console, PathBuf) {
     ok(&sock, &["boot"]);
     vm.expect_line("TESTGUEST READY", Duration::from_secs(20));
     (vm, sock)
-}
-
-fn count_value(line: &str) -> u64 {
-    line.trim_start_matches("count=").parse().unwrap()
 }
 
 #[test]
@@ -117,7 +63,7 @@ fn lifecycle_through_colovmm_remote() {
         vm.wait_line(|l| l.starts_with("count="), Duration::from_millis(300))
     })
     .last()
-    .map(|l| count_value(&l))
+    .map(|l| count_of(&l))
     .unwrap_or(3);
     assert!(
         vm.wait_line(|l| l.starts_with("count="), Duration::from_millis(600))
@@ -130,7 +76,7 @@ fn lifecycle_through_colovmm_remote() {
 
     // Resume: it goes on from where it was, no repeat.
     ok(&sock, &["resume"]);
-    let next = count_value(&vm.expect_line("count=", Duration::from_secs(5)));
+    let next = count_of(&vm.expect_line("count=", Duration::from_secs(5)));
     assert!(
         next > last_before,
         "count went from {last_before} to {next}"
@@ -229,8 +175,8 @@ fn bad_requests_while_the_guest_runs() {
         after.rss_kib
     );
     // The guest kept counting throughout, and the API still answers.
-    let a = count_value(&vm.expect_line("count=", Duration::from_secs(5)));
-    let b = count_value(&vm.expect_line("count=", Duration::from_secs(5)));
+    let a = count_of(&vm.expect_line("count=", Duration::from_secs(5)));
+    let b = count_of(&vm.expect_line("count=", Duration::from_secs(5)));
     assert!(b > a);
     ok(&sock, &["ping"]);
     ok(&sock, &["shutdown-vmm"]);

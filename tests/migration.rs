@@ -3,70 +3,18 @@
 //! connection; and the failure paths: a destination killed mid-way, a corrupted stream.
 
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::process::{Child, ChildStdin, ChildStdout, Stdio};
 use std::time::{Duration, Instant};
 
 use integration_tests::netns::{TwoHostNet, GUEST_IP, HOST_B_IP};
-use integration_tests::{colovmm_bin, remote_bin, testguest, Console};
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!("colovmm-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn remote(sock: &Path, args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(remote_bin())
-        .arg("--api-socket")
-        .arg(sock)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn ok(sock: &Path, args: &[&str]) -> String {
-    let (code, out, err) = remote(sock, args);
-    assert_eq!(code, 0, "colovmm-remote {args:?}: {err}");
-    out
-}
-
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
+use integration_tests::{
+    colovmm_bin, count_of, remote, remote_ok as ok, testguest, wait_for, Console, Scratch,
+};
 
 fn vmm_in(ns: &str, args: &[&str]) -> Console {
     let mut cmd = TwoHostNet::cmd_in(ns, colovmm_bin().to_str().unwrap());
     cmd.args(args);
     Console::spawn(cmd)
-}
-
-fn count_of(line: &str) -> u64 {
-    line.trim_start_matches("count=").parse().unwrap()
 }
 
 /// A TCP connection from the client namespace, kept open across the migration.

@@ -2,62 +2,10 @@
 //! one; the guest's counter continues with no gap and no repeat, its uptime did not restart,
 //! its disk keeps working; bad snapshots are refused with a clear error.
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use integration_tests::{remote_bin, testguest, Console};
-
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!("colovmm-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn remote(sock: &Path, args: &[&str]) -> (i32, String) {
-    let out = Command::new(remote_bin())
-        .arg("--api-socket")
-        .arg(sock)
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn ok(sock: &Path, args: &[&str]) {
-    let (code, err) = remote(sock, args);
-    assert_eq!(code, 0, "colovmm-remote {args:?}: {err}");
-}
-
-fn wait_for(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "{} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn count_of(line: &str) -> u64 {
-    line.trim_start_matches("count=").parse().unwrap()
-}
+use integration_tests::{count_of, remote, remote_ok, testguest, wait_for, Console, Scratch};
 
 fn uptime(vm: &mut Console) -> u64 {
     vm.ask("uptime", "uptime_ms=")
@@ -93,13 +41,13 @@ fn restored_guest_continues_where_it_stopped() {
     let hash_before = vm.ask("hash 64 64", "hash=");
     vm.send("count 50");
     vm.expect_line("count=3", Duration::from_secs(5));
-    ok(&sock, &["pause"]);
+    remote_ok(&sock, &["pause"]);
     // Everything the guest printed before the pause took effect.
     let mut last = 3;
     while let Some(l) = vm.wait_line(|l| l.starts_with("count="), Duration::from_millis(300)) {
         last = count_of(&l);
     }
-    ok(&sock, &["snapshot", &snap_url]);
+    remote_ok(&sock, &["snapshot", &snap_url]);
     drop(vm); // SIGKILL: the snapshot is all that is left
 
     let sock2 = dir.0.join("api2.sock");
@@ -133,7 +81,7 @@ fn restored_guest_continues_where_it_stopped() {
         .starts_with("disk write ok"));
     assert_eq!(vm.ask("cpus", "cpus="), "cpus=2");
     wait_for(&sock2);
-    ok(&sock2, &["shutdown-vmm"]);
+    remote_ok(&sock2, &["shutdown-vmm"]);
     assert!(vm
         .wait_exit(Duration::from_secs(10))
         .expect("exits")
@@ -154,15 +102,15 @@ fn a_running_vm_cannot_be_snapshotted_and_bad_snapshots_are_refused() {
     ]);
     vm.expect_line("TESTGUEST READY", Duration::from_secs(20));
     let url = format!("file://{}", dir.0.join("s").display());
-    let (code, err) = remote(&sock, &["snapshot", &url]);
+    let (code, _, err) = remote(&sock, &["snapshot", &url]);
     assert_ne!(code, 0);
     assert!(err.contains("409") && err.contains("paused"), "{err}");
-    ok(&sock, &["pause"]);
-    ok(&sock, &["snapshot", &url]);
-    let (code, err) = remote(&sock, &["snapshot", &url]);
+    remote_ok(&sock, &["pause"]);
+    remote_ok(&sock, &["snapshot", &url]);
+    let (code, _, err) = remote(&sock, &["snapshot", &url]);
     assert_ne!(code, 0, "a second snapshot into the same directory");
     assert!(err.contains("already holds a snapshot"), "{err}");
-    ok(&sock, &["resume"]);
+    remote_ok(&sock, &["resume"]);
     assert_eq!(vm.ask("cpus", "cpus="), "cpus=1", "the VM runs on");
     drop(vm);
 

@@ -2,37 +2,14 @@
 //! them, and a client in another network namespace talking to the guest's services.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use integration_tests::netns::{TestNet, GUEST_IP};
-use integration_tests::{colovmm_bin, testguest, Console};
+use integration_tests::{colovmm_bin, testguest, Console, Scratch};
 
 const BOOT: Duration = Duration::from_secs(20);
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Scratch {
-        let p = std::env::temp_dir().join(format!("colovmm-{tag}-{}", std::process::id()));
-        std::fs::create_dir_all(&p).unwrap();
-        Scratch(p)
-    }
-
-    fn image(&self, name: &str, bytes: usize) -> PathBuf {
-        let p = self.0.join(name);
-        std::fs::write(&p, vec![0u8; bytes]).unwrap();
-        p
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 // The guest's disk record (guest/README.md "Disk record format"), rebuilt here independently.
 const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;

@@ -114,6 +114,23 @@ pub enum MigrationPhase {
     Failed,
 }
 
+impl MigrationStatus {
+    /// The status before any migration.
+    pub fn idle() -> Self {
+        Self {
+            phase: MigrationPhase::Idle,
+            round: 0,
+            bytes: 0,
+            total_bytes: 0,
+            dirty_rate: 0,
+            eta_ms: 0,
+            downtime_ms: None,
+            elapsed_ms: 0,
+            error: None,
+        }
+    }
+}
+
 /// `vm.migration-status` body.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct MigrationStatus {

@@ -161,18 +161,7 @@ fn schemas_match_the_wire_types() {
         receiver_url: "unix:/m".into(),
     })
     .unwrap();
-    let status = serde_json::to_value(api::MigrationStatus {
-        phase: api::MigrationPhase::Idle,
-        round: 0,
-        bytes: 0,
-        total_bytes: 0,
-        dirty_rate: 0,
-        eta_ms: 0,
-        downtime_ms: None,
-        elapsed_ms: 0,
-        error: None,
-    })
-    .unwrap();
+    let status = serde_json::to_value(api::MigrationStatus::idle()).unwrap();
     let cases = [
         ("VmConfig", &config),
         ("PayloadConfig", &config["payload"]),

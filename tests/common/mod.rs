@@ -233,3 +233,71 @@ impl Drop for Console {
         let _ = self.child.wait();
     }
 }
+
+/// A scratch directory under the system temp dir, removed on drop.
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    /// A fresh, empty directory named after `tag` and this process.
+    pub fn new(tag: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!("colovmm-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("create scratch dir");
+        Scratch(p)
+    }
+
+    /// A zero-filled file of `bytes` in it.
+    pub fn image(&self, name: &str, bytes: usize) -> PathBuf {
+        let p = self.0.join(name);
+        std::fs::write(&p, vec![0u8; bytes]).expect("write image");
+        p
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Runs `colovmm-remote --api-socket SOCK args...`: (exit code, stdout, stderr).
+pub fn remote(sock: &Path, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(remote_bin())
+        .arg("--api-socket")
+        .arg(sock)
+        .args(args)
+        .output()
+        .expect("run colovmm-remote");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Like [`remote`], and the command must succeed; returns its stdout.
+pub fn remote_ok(sock: &Path, args: &[&str]) -> String {
+    let (code, out, err) = remote(sock, args);
+    assert_eq!(code, 0, "colovmm-remote {args:?}: {err}");
+    out
+}
+
+/// Waits up to 10 s for `path` to exist (an API socket, say).
+pub fn wait_for(path: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !path.exists() {
+        assert!(
+            Instant::now() < deadline,
+            "{} never appeared",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The number in a `count=<k>` line.
+pub fn count_of(line: &str) -> u64 {
+    line.trim_start_matches("count=")
+        .parse()
+        .unwrap_or_else(|_| panic!("not a count line: {line:?}"))
+}

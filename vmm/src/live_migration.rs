@@ -95,17 +95,7 @@ pub type StatusCell = Arc<Mutex<MigrationStatus>>;
 
 /// A fresh status.
 pub fn idle_status() -> MigrationStatus {
-    MigrationStatus {
-        phase: MigrationPhase::Idle,
-        round: 0,
-        bytes: 0,
-        total_bytes: 0,
-        dirty_rate: 0,
-        eta_ms: 0,
-        downtime_ms: None,
-        elapsed_ms: 0,
-        error: None,
-    }
+    MigrationStatus::idle()
 }
 
 fn update(cell: &StatusCell, f: impl FnOnce(&mut MigrationStatus)) {

@@ -117,17 +117,7 @@ pub const FAKE_RAM: u64 = 512 << 20;
 
 /// The status before any migration.
 pub fn idle_migration() -> MigrationStatus {
-    MigrationStatus {
-        phase: MigrationPhase::Idle,
-        round: 0,
-        bytes: 0,
-        total_bytes: 0,
-        dirty_rate: 0,
-        eta_ms: 0,
-        downtime_ms: None,
-        elapsed_ms: 0,
-        error: None,
-    }
+    MigrationStatus::idle()
 }
 
 /// The migration the fake loop pretends to run: `step` counts status polls since the start.
