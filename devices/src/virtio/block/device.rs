@@ -1,23 +1,20 @@
 //! The virtio-blk device: configuration space, features, and its worker thread.
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
 use serde::{Deserialize, Serialize};
-use virtio_queue::{Queue, QueueOwnedT, QueueT};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::backend::BlockBackend;
-use super::request::{execute, Completed, DiskInfo, SECTOR_SIZE};
+use super::request::SECTOR_SIZE;
+use super::worker::{Worker, WorkerExit, WorkerSetup};
 use crate::state::{ComponentState, StateError, Stateful};
 use crate::virtio::{
-    device_type, features, read_config_bytes, ActivateContext, ActivateError, ActiveQueue,
-    Interrupt, VirtioDevice, INT_VRING,
+    device_type, features, read_config_bytes, ActivateContext, ActivateError, VirtioDevice,
 };
-use crate::GuestMemory;
 
 const QUEUE_SIZE: u16 = 256;
 const QUEUE_SIZES: [u16; 1] = [QUEUE_SIZE];
@@ -68,9 +65,6 @@ impl BlockCounters {
         })
     }
 }
-
-/// What the worker thread gives back when it stops.
-type WorkerExit = (Box<dyn BlockBackend>, Queue);
 
 enum Lifecycle {
     Idle(Box<dyn BlockBackend>),
@@ -175,19 +169,23 @@ impl VirtioDevice for Block {
         else {
             return Err(ActivateError::Worker("device already active".into()));
         };
-        let worker = Worker {
-            mem: ctx.mem,
-            queue,
-            interrupt: ctx.interrupt,
-            backend,
-            id: self.config.id.as_bytes().to_vec(),
-            readonly: self.config.readonly,
-            counters: self.counters.clone(),
-            bounce: Vec::new(),
-        };
+        let name = format!("blk-{}", self.config.id);
         let init = ctx.worker_init.clone();
+        let worker = Worker::new(
+            WorkerSetup {
+                mem: ctx.mem,
+                queue,
+                interrupt: ctx.interrupt,
+                backend,
+                id: self.config.id.as_bytes().to_vec(),
+                readonly: self.config.readonly,
+                counters: self.counters.clone(),
+                worker_init: ctx.worker_init,
+            },
+            &name,
+        );
         let thread = std::thread::Builder::new()
-            .name(format!("blk-{}", self.config.id))
+            .name(name)
             .spawn(move || {
                 if let Some(init) = init {
                     init("virtio-blk");
@@ -249,127 +247,12 @@ impl Stateful for Block {
     }
 }
 
-struct Worker {
-    mem: GuestMemory,
-    queue: ActiveQueue,
-    interrupt: Arc<Interrupt>,
-    backend: Box<dyn BlockBackend>,
-    id: Vec<u8>,
-    readonly: bool,
-    counters: Arc<BlockCounters>,
-    bounce: Vec<u8>,
-}
-
-const TOKEN_QUEUE: u64 = 0;
-const TOKEN_KILL: u64 = 1;
-
-impl Worker {
-    fn run(mut self, kill: EventFd) -> WorkerExit {
-        if let Err(e) = self.event_loop(&kill) {
-            log::error!("virtio-blk worker stopped: {e}");
-        }
-        (self.backend, self.queue.queue)
-    }
-
-    fn event_loop(&mut self, kill: &EventFd) -> std::io::Result<()> {
-        let epoll = Epoll::new()?;
-        let add = |fd: i32, token| {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )
-        };
-        add(self.queue.notify.as_raw_fd(), TOKEN_QUEUE)?;
-        add(kill.as_raw_fd(), TOKEN_KILL)?;
-        // Requests may already be waiting (restore, or a notify before activation).
-        self.process_queue();
-        let mut events = [EpollEvent::default(); 4];
-        loop {
-            let n = match epoll.wait(-1, &mut events) {
-                Ok(n) => n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            for ev in &events[..n] {
-                match ev.data() {
-                    TOKEN_KILL => return Ok(()),
-                    TOKEN_QUEUE => {
-                        let _ = self.queue.notify.read();
-                        self.process_queue();
-                    }
-                    _ => {}
-                }
-            }
-        }
-    }
-
-    /// Serves every available request, with guest notifications off while we work.
-    fn process_queue(&mut self) {
-        let mem = &self.mem;
-        let queue = &mut self.queue.queue;
-        let disk = DiskInfo {
-            readonly: self.readonly,
-            id: &self.id,
-        };
-        let mut used_any = false;
-        loop {
-            if let Err(e) = queue.disable_notification(mem) {
-                crate::warn_limited!("virtio-blk: queue unusable: {e:?}");
-                return;
-            }
-            let chains: Vec<_> = match queue.iter(mem) {
-                Ok(iter) => iter.collect(),
-                Err(e) => {
-                    crate::warn_limited!("virtio-blk: bad available ring: {e:?}");
-                    return;
-                }
-            };
-            for chain in chains {
-                let head = chain.head_index();
-                let outcome = execute(mem, chain, self.backend.as_mut(), &disk, &mut self.bounce);
-                count(&self.counters, outcome.completed);
-                if let Err(e) = queue.add_used(mem, head, outcome.used_len) {
-                    crate::warn_limited!("virtio-blk: cannot return descriptor {head}: {e:?}");
-                }
-                used_any = true;
-            }
-            match queue.enable_notification(mem) {
-                Ok(true) => continue, // more arrived while notifications were off
-                Ok(false) => break,
-                Err(e) => {
-                    crate::warn_limited!("virtio-blk: queue unusable: {e:?}");
-                    break;
-                }
-            }
-        }
-        if used_any && queue.needs_notification(mem).unwrap_or(true) {
-            self.interrupt.signal(INT_VRING);
-        }
-    }
-}
-
-fn count(c: &BlockCounters, done: Completed) {
-    match done {
-        Completed::Read(n) => {
-            c.read_ops.fetch_add(1, Ordering::Relaxed);
-            c.read_bytes.fetch_add(n, Ordering::Relaxed);
-        }
-        Completed::Write(n) => {
-            c.write_ops.fetch_add(1, Ordering::Relaxed);
-            c.write_bytes.fetch_add(n, Ordering::Relaxed);
-        }
-        Completed::Other => {}
-        Completed::Failed => {
-            c.errors.fetch_add(1, Ordering::Relaxed);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::virtio::block::request::status;
+    use crate::virtio::block::request::{execute, status, DiskInfo};
+    use crate::virtio::{ActiveQueue, Interrupt, INT_VRING};
+    use crate::GuestMemory;
     use std::io;
     use std::sync::Mutex;
     use virtio_bindings::bindings::virtio_ring::{VRING_DESC_F_NEXT, VRING_DESC_F_WRITE};
@@ -440,7 +323,7 @@ mod tests {
             readonly,
             id: b"disk-under-test",
         };
-        execute(mem, chain, disk, &info, &mut Vec::new()).used_len
+        execute(mem, chain, disk, &info).used_len
     }
 
     fn disk() -> MemDisk {
@@ -451,6 +334,68 @@ mod tests {
 
     fn status_byte(mem: &GuestMemory) -> u8 {
         mem.read_obj(GuestAddress(STATUS)).unwrap()
+    }
+
+    /// Data split over several descriptors (and odd sizes) arrives in order both ways, and
+    /// what a read puts in guest memory (data and status) is in the dirty bitmap.
+    #[test]
+    fn multi_descriptor_data_and_dirty_pages() {
+        let mem = mem();
+        let mut d = disk();
+        let dirty = |addr: u64| {
+            let (r, off) =
+                vm_memory::GuestMemoryBackend::to_region_addr(&mem, GuestAddress(addr)).unwrap();
+            std::ops::Deref::deref(r)
+                .bitmap()
+                .is_addr_set(off.0 as usize)
+        };
+        header(&mem, 0, 2);
+        for r in vm_memory::GuestMemoryBackend::iter(&mem) {
+            std::ops::Deref::deref(r).bitmap().reset();
+        }
+        let len = run(
+            &mem,
+            &mut d,
+            &[
+                desc(HDR, 16, 0),
+                desc(DATA, 100, VRING_DESC_F_WRITE),
+                desc(DATA + 0x10000, 412, VRING_DESC_F_WRITE),
+                desc(DATA + 0x20000, 1024, VRING_DESC_F_WRITE),
+                desc(STATUS, 1, VRING_DESC_F_WRITE),
+            ],
+            false,
+        );
+        assert_eq!((len, status_byte(&mem)), (1537, status::OK));
+        let mut got = vec![0u8; 1536];
+        mem.read_slice(&mut got[..100], GuestAddress(DATA)).unwrap();
+        mem.read_slice(&mut got[100..512], GuestAddress(DATA + 0x10000))
+            .unwrap();
+        mem.read_slice(&mut got[512..], GuestAddress(DATA + 0x20000))
+            .unwrap();
+        assert_eq!(got, d.0.lock().unwrap()[2 * 512..5 * 512]);
+        for page in [DATA, DATA + 0x10000, DATA + 0x20000, STATUS] {
+            assert!(dirty(page), "{page:#x} not marked dirty");
+        }
+        assert!(!dirty(HDR), "the header is only read");
+
+        // And back out: a write whose header and data share descriptors in odd places.
+        let out: Vec<u8> = (0..1024).map(|i| (i % 199) as u8).collect();
+        mem.write_slice(&out[..500], GuestAddress(HDR + 16))
+            .unwrap();
+        mem.write_slice(&out[500..], GuestAddress(DATA)).unwrap();
+        header(&mem, 1, 20);
+        let len = run(
+            &mem,
+            &mut d,
+            &[
+                desc(HDR, 16 + 500, 0),
+                desc(DATA, 524, 0),
+                desc(STATUS, 1, VRING_DESC_F_WRITE),
+            ],
+            false,
+        );
+        assert_eq!((len, status_byte(&mem)), (1, status::OK));
+        assert_eq!(d.0.lock().unwrap()[20 * 512..22 * 512], out[..]);
     }
 
     #[test]
@@ -590,7 +535,7 @@ mod tests {
             id: b"",
         };
         // Whatever it returns, it returns.
-        let _ = execute(&mem, chain, &mut d, &info, &mut Vec::new());
+        let _ = execute(&mem, chain, &mut d, &info);
     }
 
     #[test]

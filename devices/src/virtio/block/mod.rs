@@ -3,7 +3,8 @@
 mod backend;
 mod device;
 mod request;
+mod worker;
 
-pub use backend::{BlockBackend, RawFile};
+pub use backend::{gather, scatter, total_len, BlockBackend, GuestSlice, RawFile};
 pub use device::{Block, BlockConfig, BlockCounters};
 pub use request::{status, ID_BYTES, SECTOR_SIZE};

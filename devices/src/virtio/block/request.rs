@@ -3,27 +3,27 @@
 //! Anything the guest gets wrong (addresses outside its memory, wrong descriptor direction,
 //! absurd lengths, loops) fails that request, never the device.
 
-use std::io::{Read, Write};
 use std::ops::Deref;
 
-use virtio_queue::{DescriptorChain, Reader, Writer};
-use vm_memory::bitmap::BitmapSlice;
-use vm_memory::{ByteValued, GuestMemory};
+use virtio_queue::DescriptorChain;
+use vm_memory::{ByteValued, GuestMemory as _, Permissions};
 
-use super::backend::BlockBackend;
-use crate::warn_limited;
+use super::backend::{gather, scatter, BlockBackend, GuestSlice};
+use crate::{warn_limited, GuestMemory};
 
 /// Sector size of the virtio-blk protocol.
 pub const SECTOR_SIZE: u64 = 512;
 /// Largest data payload we serve in one request; the guest is told much less via SEG_MAX.
 pub const MAX_REQUEST_BYTES: usize = 32 << 20;
+/// The FLUSH request type.
+pub const FLUSH: u32 = 4;
 /// Length of the GET_ID answer.
 pub const ID_BYTES: usize = 20;
 
 mod req_type {
     pub const IN: u32 = 0;
     pub const OUT: u32 = 1;
-    pub const FLUSH: u32 = 4;
+    pub const FLUSH: u32 = super::FLUSH;
     pub const GET_ID: u32 = 8;
     pub const DISCARD: u32 = 11;
     pub const WRITE_ZEROES: u32 = 13;
@@ -122,6 +122,16 @@ pub enum Completed {
     Failed,
 }
 
+impl Completed {
+    /// Data bytes moved (0 for requests without data).
+    pub fn bytes(self) -> u64 {
+        match self {
+            Completed::Read(n) | Completed::Write(n) => n,
+            Completed::Other | Completed::Failed => 0,
+        }
+    }
+}
+
 /// The used-ring length of a request (bytes written into guest buffers; 0 when not even the
 /// status could be written) and what it did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -137,54 +147,117 @@ const FAILED_SILENTLY: Outcome = Outcome {
     completed: Completed::Failed,
 };
 
-/// Serves the request in `chain`.
-pub fn execute<M, T>(
-    mem: &M,
+/// A request's buffers in guest memory, each kind in chain order: the device-readable ones
+/// (header, then write data or discard segments) and the device-writable ones (read data,
+/// then the status byte).
+struct Buffers<'a> {
+    readable: Vec<GuestSlice<'a>>,
+    readable_len: usize,
+    writable: Vec<GuestSlice<'a>>,
+    writable_len: usize,
+}
+
+/// Maps every descriptor of `chain` into guest memory, in one pass.
+fn map_chain<'a, T>(
+    mem: &'a GuestMemory,
+    chain: DescriptorChain<T>,
+) -> Result<Buffers<'a>, RequestError>
+where
+    T: Deref<Target = GuestMemory>,
+{
+    let bad = |e: &dyn std::fmt::Debug| RequestError::Chain(format!("{e:?}"));
+    let mut b = Buffers {
+        readable: Vec::with_capacity(2),
+        readable_len: 0,
+        writable: Vec::with_capacity(2),
+        writable_len: 0,
+    };
+    for desc in chain {
+        let (list, total, access) = if desc.is_write_only() {
+            (&mut b.writable, &mut b.writable_len, Permissions::Write)
+        } else {
+            (&mut b.readable, &mut b.readable_len, Permissions::Read)
+        };
+        let len = desc.len() as usize;
+        *total = total
+            .checked_add(len)
+            .ok_or_else(|| bad(&"chain length overflows"))?;
+        for slice in mem
+            .get_slices(desc.addr(), len, access)
+            .map_err(|e| bad(&e))?
+        {
+            list.push(slice.map_err(|e| bad(&e))?);
+        }
+    }
+    Ok(b)
+}
+
+/// The `len` bytes of `bufs` starting `from` bytes in, as slices (cut at the edges).
+fn sub_range<'a>(
+    bufs: &[GuestSlice<'a>],
+    mut from: usize,
+    mut len: usize,
+) -> Result<Vec<GuestSlice<'a>>, RequestError> {
+    let mut out = Vec::with_capacity(bufs.len());
+    for b in bufs {
+        if len == 0 {
+            break;
+        }
+        if from >= b.len() {
+            from -= b.len();
+            continue;
+        }
+        let n = (b.len() - from).min(len);
+        out.push(
+            b.subslice(from, n)
+                .map_err(|e| RequestError::Chain(format!("{e:?}")))?,
+        );
+        from = 0;
+        len -= n;
+    }
+    if len != 0 {
+        return Err(RequestError::Chain("buffer shorter than its length".into()));
+    }
+    Ok(out)
+}
+
+/// Serves the request in `chain` (whose memory handle is `mem`, borrowed or shared).
+pub fn execute<T>(
+    mem: &GuestMemory,
     chain: DescriptorChain<T>,
     backend: &mut dyn BlockBackend,
     disk: &DiskInfo,
-    bounce: &mut Vec<u8>,
 ) -> Outcome
 where
-    M: GuestMemory,
-    for<'a> <M as GuestMemory>::Bitmap: vm_memory::bitmap::WithBitmapSlice<'a>,
-    T: Deref + Clone,
-    T::Target: GuestMemory + Sized,
+    T: Deref<Target = GuestMemory>,
 {
-    let reader = Reader::new(mem, chain.clone());
-    let writer = Writer::new(mem, chain);
-    let (mut reader, mut writer) = match (reader, writer) {
-        (Ok(r), Ok(w)) => (r, w),
-        (Err(e), _) | (_, Err(e)) => {
-            warn_limited!("virtio-blk: {}", RequestError::Chain(format!("{e:?}")));
+    let bufs = match map_chain(mem, chain) {
+        Ok(b) => b,
+        Err(e) => {
+            warn_limited!("virtio-blk: {e}");
             return FAILED_SILENTLY;
         }
     };
-    let data_len = match writer.available_bytes().checked_sub(1) {
-        Some(n) => n,
-        None => {
-            warn_limited!("virtio-blk: {}", RequestError::NoStatus);
-            return FAILED_SILENTLY;
-        }
+    let Some(data_len) = bufs.writable_len.checked_sub(1) else {
+        warn_limited!("virtio-blk: {}", RequestError::NoStatus);
+        return FAILED_SILENTLY;
     };
-    let mut status_writer = match writer.split_at(data_len) {
+    let status_slice = match sub_range(&bufs.writable, data_len, 1) {
         Ok(s) => s,
         Err(e) => {
-            warn_limited!("virtio-blk: cannot split status byte: {e:?}");
+            warn_limited!("virtio-blk: cannot find the status byte: {e}");
             return FAILED_SILENTLY;
         }
     };
-    let (status, written, completed) = match serve(&mut reader, &mut writer, backend, disk, bounce)
-    {
+    let (status, written, completed) = match serve(&bufs, data_len, backend, disk) {
         Ok((n, done)) => (status::OK, n, done),
         Err(e) => {
             warn_limited!("virtio-blk: request failed: {e}");
             (e.status(), 0, Completed::Failed)
         }
     };
-    if status_writer.write_all(&[status]).is_err() {
-        return FAILED_SILENTLY;
-    }
+    // Marks the status byte dirty like every other guest write.
+    scatter(&[status], &status_slice);
     Outcome {
         used_len: written as u32 + 1,
         completed,
@@ -200,33 +273,46 @@ fn check_range(disk_size: u64, sector: u64, len: u64) -> Result<u64, RequestErro
     Ok(offset)
 }
 
-fn serve<B: BitmapSlice>(
-    reader: &mut Reader<'_, B>,
-    data: &mut Writer<'_, B>,
+/// Reads a plain-old-data object from the start of `bytes` (None if too short).
+fn read_pod<T: ByteValued + Default>(bytes: &[u8]) -> Option<T> {
+    let mut v = T::default();
+    let n = std::mem::size_of::<T>();
+    v.as_mut_slice().copy_from_slice(bytes.get(..n)?);
+    Some(v)
+}
+
+/// Runs the request; `data_len` is the writable room before the status byte.
+fn serve(
+    bufs: &Buffers<'_>,
+    data_len: usize,
     backend: &mut dyn BlockBackend,
     disk: &DiskInfo,
-    bounce: &mut Vec<u8>,
 ) -> Result<(usize, Completed), RequestError> {
-    let header: Header = reader.read_obj().map_err(|_| RequestError::ShortHeader)?;
+    const HEADER_LEN: usize = std::mem::size_of::<Header>();
+    let mut head = [0u8; HEADER_LEN];
+    let readable_head = sub_range(&bufs.readable, 0, HEADER_LEN.min(bufs.readable_len))?;
+    let mut at = 0;
+    for s in &readable_head {
+        at += s.copy_to(&mut head[at..]);
+    }
+    let header: Header = read_pod(&head[..at]).ok_or(RequestError::ShortHeader)?;
+    // Device-readable bytes after the header: write data, discard segments.
+    let payload_len = bufs.readable_len - HEADER_LEN;
     match header.type_ {
         req_type::IN => {
-            let len = data.available_bytes();
-            let offset = check_range(backend.size(), header.sector, len as u64)?;
-            bounce.resize(len, 0);
-            backend.read_at(offset, bounce)?;
-            data.write_all(bounce)?;
-            Ok((len, Completed::Read(len as u64)))
+            let offset = check_range(backend.size(), header.sector, data_len as u64)?;
+            let data = sub_range(&bufs.writable, 0, data_len)?;
+            backend.read_to_guest(offset, &data)?;
+            Ok((data_len, Completed::Read(data_len as u64)))
         }
         req_type::OUT => {
             if disk.readonly {
                 return Err(RequestError::ReadOnly);
             }
-            let len = reader.available_bytes();
-            let offset = check_range(backend.size(), header.sector, len as u64)?;
-            bounce.resize(len, 0);
-            reader.read_exact(bounce)?;
-            backend.write_at(offset, bounce)?;
-            Ok((0, Completed::Write(len as u64)))
+            let offset = check_range(backend.size(), header.sector, payload_len as u64)?;
+            let data = sub_range(&bufs.readable, HEADER_LEN, payload_len)?;
+            backend.write_from_guest(offset, &data)?;
+            Ok((0, Completed::Write(payload_len as u64)))
         }
         req_type::FLUSH => {
             backend.flush()?;
@@ -236,17 +322,23 @@ fn serve<B: BitmapSlice>(
             let mut id = [0u8; ID_BYTES];
             let n = disk.id.len().min(ID_BYTES);
             id[..n].copy_from_slice(&disk.id[..n]);
-            let len = data.available_bytes().min(ID_BYTES);
-            data.write_all(&id[..len])?;
+            let len = data_len.min(ID_BYTES);
+            scatter(&id[..len], &sub_range(&bufs.writable, 0, len)?);
             Ok((len, Completed::Other))
         }
         t @ (req_type::DISCARD | req_type::WRITE_ZEROES) => {
             if disk.readonly {
                 return Err(RequestError::ReadOnly);
             }
-            let segments = reader.available_bytes() / std::mem::size_of::<DiscardSegment>();
-            for _ in 0..segments {
-                let seg: DiscardSegment = reader.read_obj()?;
+            const SEG_LEN: usize = std::mem::size_of::<DiscardSegment>();
+            let segments = payload_len / SEG_LEN;
+            let mut raw = Vec::new();
+            for i in 0..segments {
+                gather(
+                    &sub_range(&bufs.readable, HEADER_LEN + i * SEG_LEN, SEG_LEN)?,
+                    &mut raw,
+                );
+                let seg: DiscardSegment = read_pod(&raw).ok_or(RequestError::ShortHeader)?;
                 let len = u64::from(seg.num_sectors) * SECTOR_SIZE;
                 let offset = sector_range(backend.size(), seg.sector, len)?;
                 if t == req_type::DISCARD {

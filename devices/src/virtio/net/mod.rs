@@ -19,7 +19,8 @@ mod filter;
 mod rx;
 mod tap;
 #[cfg(test)]
-mod testutil;
+pub(crate) mod testutil;
+mod tx;
 mod worker;
 
 pub use device::{
@@ -32,4 +33,5 @@ pub use filter::{
 };
 pub use rx::RxChainError;
 pub use tap::{validate_name, Tap, TapError, TapIo, MAX_NAME_LEN, VNET_HDR_LEN};
-pub use worker::{TxChainError, WorkerError, MAX_TX_FRAME, RX_BUFFER_LEN};
+pub use tx::{GuestSlice, TxChainError};
+pub use worker::{WorkerError, MAX_TX_FRAME, RX_BUFFER_LEN};
