@@ -172,25 +172,19 @@ pub fn accept_tcp(
     channels: u16,
     timeout: Duration,
 ) -> Result<Vec<Box<dyn Transport>>, TransportError> {
-    nonzero(timeout).map_err(|_| TransportError::ZeroTimeout)?;
-    let io = |what| move |source| TransportError::Io { what, source };
-    listener
-        .set_nonblocking(true)
-        .map_err(io("set_nonblocking"))?;
-    let accepted = accept_n(listener.as_raw_fd(), channels.into(), timeout, || {
-        let (s, _) = listener.accept()?;
-        s.set_nonblocking(false)?;
-        s.set_nodelay(true)?;
-        set_tcp_timeouts(&s, timeout)?;
-        Ok(Box::new(s) as Box<dyn Transport>)
-    });
-    // Leave the listener as the caller gave it, whatever happened.
-    let restored = listener
-        .set_nonblocking(false)
-        .map_err(io("set_nonblocking"));
-    let accepted = accepted?;
-    restored?;
-    Ok(accepted)
+    accept_on(
+        listener.as_raw_fd(),
+        |nb| listener.set_nonblocking(nb),
+        channels,
+        timeout,
+        || {
+            let (s, _) = listener.accept()?;
+            s.set_nonblocking(false)?;
+            s.set_nodelay(true)?;
+            set_tcp_timeouts(&s, timeout)?;
+            Ok(Box::new(s) as Box<dyn Transport>)
+        },
+    )
 }
 
 /// Accepts `channels` Unix connections before `timeout` runs out.
@@ -199,20 +193,34 @@ pub fn accept_unix(
     channels: u16,
     timeout: Duration,
 ) -> Result<Vec<Box<dyn Transport>>, TransportError> {
+    accept_on(
+        listener.as_raw_fd(),
+        |nb| listener.set_nonblocking(nb),
+        channels,
+        timeout,
+        || {
+            let (s, _) = listener.accept()?;
+            s.set_nonblocking(false)?;
+            set_unix_timeouts(&s, timeout)?;
+            Ok(Box::new(s) as Box<dyn Transport>)
+        },
+    )
+}
+
+/// The shared part of the accept functions: the listener goes non-blocking for [`accept_n`]
+/// and is left as the caller gave it, whatever happened.
+fn accept_on(
+    fd: RawFd,
+    set_nonblocking: impl Fn(bool) -> io::Result<()>,
+    channels: u16,
+    timeout: Duration,
+    accept: impl FnMut() -> io::Result<Box<dyn Transport>>,
+) -> Result<Vec<Box<dyn Transport>>, TransportError> {
     nonzero(timeout).map_err(|_| TransportError::ZeroTimeout)?;
     let io = |what| move |source| TransportError::Io { what, source };
-    listener
-        .set_nonblocking(true)
-        .map_err(io("set_nonblocking"))?;
-    let accepted = accept_n(listener.as_raw_fd(), channels.into(), timeout, || {
-        let (s, _) = listener.accept()?;
-        s.set_nonblocking(false)?;
-        set_unix_timeouts(&s, timeout)?;
-        Ok(Box::new(s) as Box<dyn Transport>)
-    });
-    let restored = listener
-        .set_nonblocking(false)
-        .map_err(io("set_nonblocking"));
+    set_nonblocking(true).map_err(io("set_nonblocking"))?;
+    let accepted = accept_n(fd, channels.into(), timeout, accept);
+    let restored = set_nonblocking(false).map_err(io("set_nonblocking"));
     let accepted = accepted?;
     restored?;
     Ok(accepted)
