@@ -166,14 +166,17 @@ impl Vm {
             return Err(SnapshotError::NotPaused(self.state));
         }
         let mut vcpus = Vec::with_capacity(self.vcpu_fds.len());
-        let mut msrs = None;
         for fd in &self.vcpu_fds {
             let fd = fd
                 .lock()
                 .map_err(|_| SnapshotError::Memory("vCPU lock".into()))?;
-            let list = match &msrs {
+            // Probing is one ioctl per MSR: done once, not in every checkpoint's pause.
+            let list = match self.msr_list.get() {
                 Some(l) => l,
-                None => msrs.insert(saveable_msrs(&self.kvm, &fd)?),
+                None => {
+                    let probed = saveable_msrs(&self.kvm, &fd)?;
+                    self.msr_list.get_or_init(|| probed)
+                }
             };
             vcpus.push(save_vcpu(&fd, list)?);
         }

@@ -125,6 +125,8 @@ pub struct Vm {
     pending: Vec<Vcpu>,
     threads: Vec<JoinHandle<()>>,
     pub(crate) kvm: Kvm,
+    /// MSRs this KVM can save, probed once (snapshots, migration and checkpoints reuse it).
+    pub(crate) msr_list: std::sync::OnceLock<Vec<u32>>,
     pub(crate) config: VmConfig,
     pub(crate) state: VmState,
     control: Arc<VcpuControl>,
@@ -222,6 +224,7 @@ impl Vm {
             serial,
             vcpu_fds,
             kvm,
+            msr_list: std::sync::OnceLock::new(),
             fd: Arc::new(fd),
         })
     }
