@@ -6,7 +6,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::process::{Child, ChildStdin, ChildStdout, Stdio};
 use std::time::{Duration, Instant};
 
-use integration_tests::netns::{TwoHostNet, GUEST_IP, HOST_B_IP};
+use integration_tests::netns::{wait_for_ping, TwoHostNet, GUEST_IP, HOST_B_IP};
 use integration_tests::{
     colovmm_bin, count_of, remote, remote_ok as ok, testguest, wait_for, Console, Scratch,
 };
@@ -70,22 +70,6 @@ impl Drop for Client {
     }
 }
 
-fn wait_ping(net: &TwoHostNet) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while Instant::now() < deadline {
-        let ok = TwoHostNet::cmd_in(&net.client, "ping")
-            .args(["-c", "1", "-W", "1", GUEST_IP])
-            .stdout(Stdio::null())
-            .status()
-            .unwrap()
-            .success();
-        if ok {
-            return;
-        }
-    }
-    panic!("guest never answered ping");
-}
-
 #[test]
 fn a_busy_guest_migrates_with_its_disk_and_tcp_connection() {
     let net = TwoHostNet::create();
@@ -118,7 +102,7 @@ fn a_busy_guest_migrates_with_its_disk_and_tcp_connection() {
     src.expect_line("TESTGUEST READY", Duration::from_secs(20));
     wait_for(&src_sock);
     wait_for(&dst_sock);
-    wait_ping(&net);
+    wait_for_ping(&net.client, Duration::from_secs(15));
 
     let mut client = Client::connect(&net);
     assert_eq!(client.echo("before the move"), "before the move");

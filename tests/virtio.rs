@@ -4,9 +4,9 @@
 use std::io::Write;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use integration_tests::netns::{TestNet, GUEST_IP};
+use integration_tests::netns::{wait_for_ping, TestNet, GUEST_IP};
 use integration_tests::{colovmm_bin, testguest, Console, Scratch};
 
 const BOOT: Duration = Duration::from_secs(20);
@@ -162,28 +162,11 @@ fn client_output(net: &TestNet, program: &str, args: &[&str], stdin: &[u8]) -> V
     out.stdout
 }
 
-fn wait_for_ping(net: &TestNet) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        let ok = net
-            .client_cmd("ping")
-            .args(["-c", "1", "-W", "1", GUEST_IP])
-            .stdout(Stdio::null())
-            .status()
-            .unwrap()
-            .success();
-        if ok {
-            return;
-        }
-    }
-    panic!("guest never answered ping");
-}
-
 #[test]
 fn client_reaches_echo_http_and_redis() {
     let net = TestNet::create();
     let mut vm = boot_with_net(&net);
-    wait_for_ping(&net);
+    wait_for_ping(&net.client, Duration::from_secs(10));
     client_output(
         &net,
         "ping",
@@ -254,7 +237,7 @@ fn client_reaches_echo_http_and_redis() {
 fn an_rx_flood_does_not_wedge_the_vmm() {
     let net = TestNet::create();
     let mut vm = boot_with_net(&net);
-    wait_for_ping(&net);
+    wait_for_ping(&net.client, Duration::from_secs(10));
     // 3 s of back-to-back UDP at the guest's echo port from the client: bounded in time.
     let flood = r#"
 import socket, time

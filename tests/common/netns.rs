@@ -253,3 +253,19 @@ impl Drop for TwoHostNet {
         }
     }
 }
+
+/// Waits until the guest answers ping from namespace `ns` (its NIC is up and routed).
+pub fn wait_for_ping(ns: &str, timeout: std::time::Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        let ok = Command::new("ip")
+            .args(["netns", "exec", ns, "ping", "-c", "1", "-W", "1", GUEST_IP])
+            .stdout(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if ok {
+            return;
+        }
+    }
+    panic!("guest never answered ping from {ns}");
+}
