@@ -16,7 +16,7 @@ pub mod layout;
 pub mod live_migration;
 pub mod logger;
 pub mod memory;
-pub mod migration;
+pub use migration;
 pub mod seccomp;
 pub mod snapshot;
 pub mod vcpu;

@@ -3,7 +3,8 @@
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
 use super::memory::{AccessError, GuestMemoryReader, GuestMemoryWriter};
-use crate::memory::GuestMemory;
+/// colovmm's guest memory: vm-memory's mmap backend with a dirty bitmap.
+pub type GuestMemory = vm_memory::GuestMemoryMmap<vm_memory::bitmap::AtomicBitmap>;
 
 impl GuestMemoryReader for GuestMemory {
     fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), AccessError> {
@@ -56,7 +57,10 @@ impl GuestMemoryWriter for GuestMemory {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::memory::create_guest_memory;
+
+    fn create_guest_memory(size: u64) -> Result<GuestMemory, vm_memory::mmap::FromRangesError> {
+        GuestMemory::from_ranges(&[(GuestAddress(0), size as usize)])
+    }
 
     #[test]
     fn reads_back_what_it_writes() {

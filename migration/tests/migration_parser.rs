@@ -6,11 +6,9 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::borrow::Cow;
 use std::cell::Cell;
 
+use migration::protocol::{Limits, Message, StartInfo, StreamHeader, StreamReader, StreamWriter};
+use migration::{MemRange, MemoryLayout, PAGE_SIZE};
 use proptest::prelude::*;
-use vmm::migration::protocol::{
-    Limits, Message, StartInfo, StreamHeader, StreamReader, StreamWriter,
-};
-use vmm::migration::{MemRange, MemoryLayout, PAGE_SIZE};
 
 /// Passes everything to the system allocator, noting the largest request made by a thread
 /// while it is watching.

@@ -495,7 +495,10 @@ fn migration_silent_source_hits_the_idle_timeout() {
 #[test]
 #[ignore]
 fn migration_throughput_tcp() {
-    use crate::memory::{create_guest_memory, ram_ranges, GuestMemory};
+    use crate::guest::GuestMemory;
+    use vm_memory::GuestAddress;
+    let ram_ranges = |size: u64| vec![(GuestAddress(0), size as usize)];
+    let create_guest_memory = |size: u64| GuestMemory::from_ranges(&ram_ranges(size));
     let mib: u64 = std::env::var("MIGRATION_BENCH_MIB")
         .ok()
         .and_then(|v| v.parse().ok())

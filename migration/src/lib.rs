@@ -12,7 +12,7 @@
 //! `docs/migration.md` describes the format and the sequences.
 
 pub mod channels;
-mod guest;
+pub mod guest;
 pub mod memory;
 pub mod precopy;
 pub mod protocol;
@@ -30,6 +30,7 @@ pub use channels::{
     new_session_id, ChannelError, Event, Receiver, ReceiverOptions, RoundStats, Sender,
     SenderOptions,
 };
+pub use guest::GuestMemory;
 pub use memory::{AccessError, GuestMemoryReader, GuestMemoryWriter, MemoryError, PageStats};
 pub use protocol::{Limits, Message, MessageType, ProtocolError, StartInfo};
 pub use ranges::{MemRange, MemoryLayout, RangeError, PAGE_SIZE};
