@@ -3,7 +3,9 @@
 //! `interval` and declares the peer lost after `timeout` without one, or when the connection
 //! breaks. QEMU's COLO has no heartbeat; failover there waits for an operator.
 //!
-//! Wire: 8-byte beats, `b"HB"`, version u16 LE (1), sequence u32 LE.
+//! Wire: 8-byte frames, version u16 LE (1) at offset 2, sequence u32 LE at offset 4, and a
+//! two-byte kind first: `b"HB"` a beat, `b"BY"` a farewell — the peer ends protection on
+//! purpose and lives on (the secondary must then stop its SVM rather than take over).
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::TcpStream;
@@ -14,6 +16,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 const MAGIC: [u8; 2] = *b"HB";
+const FAREWELL: [u8; 2] = *b"BY";
 const VERSION: u16 = 1;
 const BEAT_LEN: usize = 8;
 
@@ -26,6 +29,27 @@ pub enum LostReason {
     Closed,
     /// Something that is not a beat, or an I/O error.
     Broken(String),
+    /// The peer said farewell: it ended protection on purpose and keeps running.
+    Farewell,
+}
+
+impl std::fmt::Display for LostReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LostReason::Timeout => write!(f, "no heartbeat within the timeout"),
+            LostReason::Closed => write!(f, "the peer closed the heartbeat connection"),
+            LostReason::Broken(why) => write!(f, "heartbeat connection broken: {why}"),
+            LostReason::Farewell => write!(f, "the peer ended protection"),
+        }
+    }
+}
+
+fn frame(kind: [u8; 2], seq: u32) -> [u8; BEAT_LEN] {
+    let mut beat = [0u8; BEAT_LEN];
+    beat[..2].copy_from_slice(&kind);
+    beat[2..4].copy_from_slice(&VERSION.to_le_bytes());
+    beat[4..].copy_from_slice(&seq.to_le_bytes());
+    beat
 }
 
 /// A connection the heartbeat can run on.
@@ -66,6 +90,7 @@ impl Link for TcpStream {
 pub struct Heartbeat {
     stop: Arc<AtomicBool>,
     link: Box<dyn Link>,
+    writer: Arc<Mutex<Box<dyn Link>>>,
     threads: Vec<JoinHandle<()>>,
 }
 
@@ -96,7 +121,8 @@ impl Heartbeat {
         };
         let mut reader = link.duplicate()?;
         reader.read_timeout(timeout)?;
-        let mut writer = link.duplicate()?;
+        let writer = Arc::new(Mutex::new(link.duplicate()?));
+        let w = writer.clone();
         let r_lost = lost.clone();
         let r_stop = stop.clone();
         let read = std::thread::Builder::new()
@@ -106,6 +132,7 @@ impl Heartbeat {
                 loop {
                     match reader.read_exact(&mut beat) {
                         Ok(()) if beat[..2] == MAGIC => {}
+                        Ok(()) if beat[..2] == FAREWELL => return r_lost(LostReason::Farewell),
                         Ok(()) => return r_lost(LostReason::Broken("not a heartbeat".into())),
                         Err(e) if r_stop.load(Ordering::SeqCst) => {
                             log::debug!("heartbeat reader stopping: {e}");
@@ -129,11 +156,11 @@ impl Heartbeat {
             .spawn(move || {
                 let mut seq = 0u32;
                 while !w_stop.load(Ordering::SeqCst) {
-                    let mut beat = [0u8; BEAT_LEN];
-                    beat[..2].copy_from_slice(&MAGIC);
-                    beat[2..4].copy_from_slice(&VERSION.to_le_bytes());
-                    beat[4..].copy_from_slice(&seq.to_le_bytes());
-                    if let Err(e) = writer.write_all(&beat) {
+                    let sent = match w.lock() {
+                        Ok(mut l) => l.write_all(&frame(MAGIC, seq)),
+                        Err(_) => return,
+                    };
+                    if let Err(e) = sent {
                         return lost(LostReason::Broken(format!("sending a beat: {e}")));
                     }
                     seq = seq.wrapping_add(1);
@@ -143,12 +170,22 @@ impl Heartbeat {
         Ok(Heartbeat {
             stop,
             link,
+            writer,
             threads: vec![read, write],
         })
     }
 
     /// Stops beating and watching (protection ended on purpose).
     pub fn stop(self) {}
+
+    /// Tells the peer this side ends protection on purpose, then stops (best effort: a dead
+    /// peer hears nothing).
+    pub fn farewell(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Ok(mut l) = self.writer.lock() {
+            let _ = l.write_all(&frame(FAREWELL, 0));
+        }
+    }
 }
 
 impl Drop for Heartbeat {
@@ -228,6 +265,21 @@ mod tests {
         assert!(t.elapsed() >= TIMEOUT);
         drop(ha);
         drop(b);
+    }
+
+    #[test]
+    fn a_farewell_is_not_a_loss() {
+        let (a, b) = pair();
+        let (tx, rx) = channel();
+        let ha =
+            Heartbeat::start(Box::new(a), BEAT, TIMEOUT, move |r| tx.send(r).unwrap()).unwrap();
+        let hb = Heartbeat::start(Box::new(b), BEAT, TIMEOUT, |_| {}).unwrap();
+        hb.farewell();
+        let why = rx
+            .recv_timeout(Duration::from_secs(2))
+            .expect("farewell reported");
+        assert_eq!(why, LostReason::Farewell);
+        drop(ha);
     }
 
     #[test]

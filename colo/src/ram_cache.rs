@@ -5,11 +5,13 @@
 //! primary dirtied *or the SVM itself dirtied* since the last checkpoint, as runs of pages, so
 //! the SVM ends up byte-equal to the primary.
 //!
-//! Still to do with the checkpoint protocol: a checkpoint that breaks half-way leaves pages of
-//! it in the cache; the secondary must then not flush, and fail over from the SVM as it is.
+//! A checkpoint that breaks half-way leaves pages of it in the cache; the secondary then never
+//! flushes, and fails over from the SVM as it is.
 //!
 //! The cache is prefaulted at creation so checkpoints never pay first-touch page faults
 //! (~10 µs per 4 KiB page on kvm_pvm).
+
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Page size of dirty bitmaps and of the cache.
 pub const PAGE_SIZE: u64 = 4096;
@@ -58,6 +60,9 @@ struct Mapping {
 // SAFETY: the mapping is owned by one `Mapping` and only reached through &self/&mut self of
 // the RamCache that owns it; raw pointers are not shared elsewhere.
 unsafe impl Send for Mapping {}
+// SAFETY: shared access only copies bytes in or out; see `Mapping::store` for why those
+// accesses never overlap.
+unsafe impl Sync for Mapping {}
 
 impl Mapping {
     fn new(len: u64) -> Result<Self, CacheError> {
@@ -94,9 +99,20 @@ impl Mapping {
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
     }
 
-    fn slice_mut(&mut self) -> &mut [u8] {
-        // SAFETY: as above, and &mut self gives exclusive access.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
+    /// Copies `data` to offset `off` (bounds checked by the caller).
+    fn store(&self, off: usize, data: &[u8]) {
+        debug_assert!(off + data.len() <= self.len);
+        // SAFETY: the range lies inside the live mapping (checked by the caller). Writers of
+        // one checkpoint store disjoint pages, and readers (flush, read) run only once the
+        // checkpoint's writers are done, so no two accesses to the same bytes overlap.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(off), data.len()) };
+    }
+
+    /// Zeroes `len` bytes at `off` (bounds checked by the caller).
+    fn zero(&self, off: usize, len: usize) {
+        debug_assert!(off + len <= self.len);
+        // SAFETY: as for `store`.
+        unsafe { std::ptr::write_bytes(self.ptr.add(off), 0, len) };
     }
 }
 
@@ -111,8 +127,8 @@ struct Region {
     gpa: u64,
     len: u64,
     data: Mapping,
-    /// Pages the primary sent since the last flush.
-    pvm_dirty: Vec<u64>,
+    /// Pages the primary sent since the last flush (set from several receiving threads).
+    pvm_dirty: Vec<AtomicU64>,
 }
 
 /// What a flush did.
@@ -149,37 +165,49 @@ impl RamCache {
                 gpa,
                 len,
                 data: Mapping::new(len)?,
-                pvm_dirty: vec![0; pages.div_ceil(64) as usize],
+                pvm_dirty: (0..pages.div_ceil(64)).map(|_| AtomicU64::new(0)).collect(),
             });
         }
         Ok(Self { regions: out })
     }
 
-    fn region_of(&mut self, gpa: u64, len: u64) -> Result<&mut Region, CacheError> {
+    fn region_of(&self, gpa: u64, len: u64) -> Result<&Region, CacheError> {
         self.regions
-            .iter_mut()
+            .iter()
             .find(|r| gpa >= r.gpa && gpa.checked_add(len).is_some_and(|e| e <= r.gpa + r.len))
             .ok_or(CacheError::OutOfRange { gpa, len })
     }
 
     /// Stores pages of a checkpoint (page-aligned, inside one region); the SVM is untouched.
-    pub fn write(&mut self, gpa: u64, data: &[u8]) -> Result<(), CacheError> {
-        let len = data.len() as u64;
+    /// Several threads may store at once, never the same pages.
+    pub fn write(&self, gpa: u64, data: &[u8]) -> Result<(), CacheError> {
+        let r = self.dirty_range(gpa, data.len() as u64)?;
+        r.data.store((gpa - r.gpa) as usize, data);
+        Ok(())
+    }
+
+    /// Stores zero pages of a checkpoint, like [`Self::write`].
+    pub fn write_zeroes(&self, gpa: u64, len: u64) -> Result<(), CacheError> {
+        let r = self.dirty_range(gpa, len)?;
+        r.data.zero((gpa - r.gpa) as usize, len as usize);
+        Ok(())
+    }
+
+    /// The region of an aligned range, with the range's pages marked as sent by the primary.
+    fn dirty_range(&self, gpa: u64, len: u64) -> Result<&Region, CacheError> {
         if !aligned(gpa, len) {
             return Err(CacheError::Unaligned { gpa, len });
         }
         let r = self.region_of(gpa, len)?;
-        let off = (gpa - r.gpa) as usize;
-        r.data.slice_mut()[off..off + data.len()].copy_from_slice(data);
         let first = (gpa - r.gpa) / PAGE_SIZE;
         for page in first..first + len / PAGE_SIZE {
-            r.pvm_dirty[(page / 64) as usize] |= 1 << (page % 64);
+            r.pvm_dirty[(page / 64) as usize].fetch_or(1 << (page % 64), Ordering::Relaxed);
         }
-        Ok(())
+        Ok(r)
     }
 
     /// Reads from the cache (tests, and the initial state check).
-    pub fn read(&mut self, gpa: u64, buf: &mut [u8]) -> Result<(), CacheError> {
+    pub fn read(&self, gpa: u64, buf: &mut [u8]) -> Result<(), CacheError> {
         let len = buf.len() as u64;
         let r = self.region_of(gpa, len)?;
         let off = (gpa - r.gpa) as usize;
@@ -190,8 +218,10 @@ impl RamCache {
     /// Copies into the SVM (through `svm_write(gpa, bytes)`) every page the primary sent
     /// since the last flush or that the SVM dirtied (`svm_dirty`, one bitmap per region, bit i
     /// = page i), as runs of contiguous pages; then forgets the primary's dirty set.
+    ///
+    /// Call only while no checkpoint is being received (no concurrent [`Self::write`]).
     pub fn flush(
-        &mut self,
+        &self,
         svm_dirty: &[Vec<u64>],
         mut svm_write: impl FnMut(u64, &[u8]) -> Result<(), String>,
     ) -> Result<FlushStats, CacheError> {
@@ -199,14 +229,14 @@ impl RamCache {
             return Err(CacheError::Bitmap(svm_dirty.len()));
         }
         let mut stats = FlushStats::default();
-        for (i, (r, svm)) in self.regions.iter_mut().zip(svm_dirty).enumerate() {
+        for (i, (r, svm)) in self.regions.iter().zip(svm_dirty).enumerate() {
             let pages = r.len / PAGE_SIZE;
             if svm.len() < r.pvm_dirty.len() {
                 return Err(CacheError::Bitmap(i));
             }
             let dirty = |p: u64| {
                 let (w, b) = ((p / 64) as usize, p % 64);
-                (r.pvm_dirty[w] | svm[w]) & (1 << b) != 0
+                (r.pvm_dirty[w].load(Ordering::Relaxed) | svm[w]) & (1 << b) != 0
             };
             let mut page = 0;
             while page < pages {
@@ -228,9 +258,22 @@ impl RamCache {
                 stats.pages += page - start;
                 stats.runs += 1;
             }
-            r.pvm_dirty.iter_mut().for_each(|w| *w = 0);
+            r.pvm_dirty
+                .iter()
+                .for_each(|w| w.store(0, Ordering::Relaxed));
         }
         Ok(stats)
+    }
+}
+
+/// The receiver of a checkpoint stream writes straight into the cache.
+impl migration::GuestMemoryWriter for RamCache {
+    fn write(&self, gpa: u64, data: &[u8]) -> Result<(), migration::AccessError> {
+        RamCache::write(self, gpa, data).map_err(Into::into)
+    }
+
+    fn write_zeroes(&self, gpa: u64, len: u64) -> Result<(), migration::AccessError> {
+        RamCache::write_zeroes(self, gpa, len).map_err(Into::into)
     }
 }
 
@@ -247,7 +290,7 @@ mod tests {
 
     #[test]
     fn checkpoint_pages_reach_the_svm_only_at_flush() {
-        let mut cache = RamCache::new(&[(0, 64 * P)]).unwrap();
+        let cache = RamCache::new(&[(0, 64 * P)]).unwrap();
         let mut mem = svm(64 * P as usize);
         cache.write(3 * P, &[7u8; 4096]).unwrap();
         assert!(
@@ -269,7 +312,7 @@ mod tests {
 
     #[test]
     fn pages_the_svm_dirtied_are_put_back_to_the_primarys_state() {
-        let mut cache = RamCache::new(&[(0, 64 * P)]).unwrap();
+        let cache = RamCache::new(&[(0, 64 * P)]).unwrap();
         cache.write(0, &vec![1u8; 64 * P as usize]).unwrap();
         let mut mem = svm(64 * P as usize);
         cache
@@ -302,7 +345,7 @@ mod tests {
 
     #[test]
     fn bad_writes_are_refused() {
-        let mut cache = RamCache::new(&[(0, 16 * P), (1 << 32, 16 * P)]).unwrap();
+        let cache = RamCache::new(&[(0, 16 * P), (1 << 32, 16 * P)]).unwrap();
         assert!(matches!(
             cache.write(1, &[0; 4096]),
             Err(CacheError::Unaligned { .. })

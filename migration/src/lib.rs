@@ -31,7 +31,9 @@ pub use channels::{
     SenderOptions,
 };
 pub use guest::GuestMemory;
-pub use memory::{AccessError, GuestMemoryReader, GuestMemoryWriter, MemoryError, PageStats};
+pub use memory::{
+    AccessError, DirtyBitmap, GuestMemoryReader, GuestMemoryWriter, MemoryError, PageStats,
+};
 pub use protocol::{Limits, Message, MessageType, ProtocolError, StartInfo};
 pub use ranges::{MemRange, MemoryLayout, RangeError, PAGE_SIZE};
 pub use transport::{Transport, TransportError};

@@ -91,6 +91,41 @@ pub enum MemoryError {
     Protocol(#[from] ProtocolError),
 }
 
+/// One region's dirty pages: bit `i` of word `i / 64` covers page `i` from `gpa`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    /// Guest-physical start of the region.
+    pub gpa: u64,
+    /// Region length in bytes.
+    pub len: u64,
+    /// The bits.
+    pub words: Vec<u64>,
+}
+
+impl DirtyBitmap {
+    /// Number of dirty pages.
+    pub fn count(&self) -> u64 {
+        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
+    }
+
+    /// Whether the page holding `gpa` is dirty.
+    pub fn is_dirty(&self, gpa: u64) -> bool {
+        let Some(page) = gpa.checked_sub(self.gpa).map(|o| o / PAGE_SIZE) else {
+            return false;
+        };
+        self.words
+            .get((page / 64) as usize)
+            .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+}
+
+impl DirtyBitmap {
+    /// The dirty ranges of this bitmap's region, appended to `out`.
+    pub fn ranges(&self, out: &mut Vec<MemRange>) -> Result<(), MemoryError> {
+        dirty_ranges(MemRange::new(self.gpa, self.len), &self.words, out)
+    }
+}
+
 /// Appends the dirty ranges of `region` to `out`, from a KVM-style dirty bitmap: bit `i % 64`
 /// of word `i / 64` set means page `i` of the region is dirty. Runs of dirty pages become one
 /// range; bits past the region's last page are ignored.

@@ -28,6 +28,12 @@ pub enum TransportError {
         /// Connections needed.
         wanted: usize,
     },
+    /// Nobody connected before the deadline.
+    #[error("no source connected within {} s", .0.as_secs())]
+    NoPeer(Duration),
+    /// The first connection did not start with a stream header.
+    #[error("the first migration stream sent no valid header: {0}")]
+    Header(String),
     /// A timeout of zero would mean "block forever" to the socket layer.
     #[error("migration I/O timeout must be non-zero")]
     ZeroTimeout,
@@ -285,6 +291,88 @@ fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Accepts one transfer's channels on a TCP listener: waits up to `wait` for the first
+/// connection, learns the channel count from its stream header (peeked, so the receiver still
+/// reads it), then accepts the others within `timeout`. Every stream gets `timeout` on its
+/// reads and writes.
+pub fn accept_session_tcp(
+    listener: &TcpListener,
+    wait: Duration,
+    timeout: Duration,
+) -> Result<Vec<Box<dyn Transport>>, TransportError> {
+    let io = |what| move |source| TransportError::Io { what, source };
+    wait_for_connection(listener.as_raw_fd(), wait)?;
+    let (s, _) = listener.accept().map_err(io("accept"))?;
+    s.set_nodelay(true).map_err(io("TCP_NODELAY"))?;
+    set_tcp_timeouts(&s, timeout).map_err(io("socket timeouts"))?;
+    let channels = peek_channel_count(s.as_raw_fd())?;
+    let mut out: Vec<Box<dyn Transport>> = vec![Box::new(s)];
+    if channels > 1 {
+        out.extend(accept_tcp(listener, channels - 1, timeout)?);
+    }
+    Ok(out)
+}
+
+/// [`accept_session_tcp`] for a Unix listener.
+pub fn accept_session_unix(
+    listener: &UnixListener,
+    wait: Duration,
+    timeout: Duration,
+) -> Result<Vec<Box<dyn Transport>>, TransportError> {
+    let io = |what| move |source| TransportError::Io { what, source };
+    wait_for_connection(listener.as_raw_fd(), wait)?;
+    let (s, _) = listener.accept().map_err(io("accept"))?;
+    set_unix_timeouts(&s, timeout).map_err(io("socket timeouts"))?;
+    let channels = peek_channel_count(s.as_raw_fd())?;
+    let mut out: Vec<Box<dyn Transport>> = vec![Box::new(s)];
+    if channels > 1 {
+        out.extend(accept_unix(listener, channels - 1, timeout)?);
+    }
+    Ok(out)
+}
+
+/// Waits until a connection is pending on `fd`, at most `timeout`; fails when none came.
+pub fn wait_for_connection(fd: RawFd, timeout: Duration) -> Result<(), TransportError> {
+    let mut p = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    // SAFETY: one valid pollfd for the duration of the call.
+    match unsafe { libc::poll(&mut p, 1, ms) } {
+        1 => Ok(()),
+        0 => Err(TransportError::NoPeer(timeout)),
+        _ => Err(TransportError::Io {
+            what: "poll",
+            source: io::Error::last_os_error(),
+        }),
+    }
+}
+
+/// The channel count in a stream's header, read with MSG_PEEK so the receiver still sees it.
+fn peek_channel_count(fd: RawFd) -> Result<u16, TransportError> {
+    use super::protocol::{StreamHeader, STREAM_HEADER_LEN};
+    let mut buf = [0u8; STREAM_HEADER_LEN];
+    // SAFETY: recv into a buffer we own, of its exact length; the socket has a read timeout.
+    let n = unsafe {
+        libc::recv(
+            fd,
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_WAITALL,
+        )
+    };
+    if n != STREAM_HEADER_LEN as isize {
+        return Err(TransportError::Header(
+            io::Error::last_os_error().to_string(),
+        ));
+    }
+    StreamHeader::decode(&buf)
+        .map(|h| h.channels)
+        .map_err(|e| TransportError::Header(e.to_string()))
 }
 
 #[cfg(test)]

@@ -14,33 +14,7 @@ use crate::vm::{set_memory_slots, Vm, VmError};
 /// Bits per bitmap word; one bit per 4 KiB page.
 pub const PAGE_SIZE: u64 = 4096;
 
-/// One region's dirty pages: bit `i` of word `i / 64` covers page `i` from `gpa`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct DirtyBitmap {
-    /// Guest-physical start of the region.
-    pub gpa: u64,
-    /// Region length in bytes.
-    pub len: u64,
-    /// The bits.
-    pub words: Vec<u64>,
-}
-
-impl DirtyBitmap {
-    /// Number of dirty pages.
-    pub fn count(&self) -> u64 {
-        self.words.iter().map(|w| u64::from(w.count_ones())).sum()
-    }
-
-    /// Whether the page holding `gpa` is dirty.
-    pub fn is_dirty(&self, gpa: u64) -> bool {
-        let Some(page) = gpa.checked_sub(self.gpa).map(|o| o / PAGE_SIZE) else {
-            return false;
-        };
-        self.words
-            .get((page / 64) as usize)
-            .is_some_and(|w| w & (1 << (page % 64)) != 0)
-    }
-}
+pub use migration::DirtyBitmap;
 
 /// A handle on a VM's dirty pages that a migration or checkpoint thread can keep.
 #[derive(Clone)]

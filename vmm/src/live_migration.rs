@@ -8,7 +8,6 @@
 //! pages → State → Complete → the destination acks once it runs → source VM shuts down. Any
 //! failure abandons the stream and resumes the source VM. `docs/migration.md` has the diagram.
 
-use std::os::fd::AsRawFd;
 use std::sync::mpsc::{sync_channel, Receiver as MpscReceiver, Sender as MpscSender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,7 +21,6 @@ use crate::memory::GuestMemory;
 use crate::migration::channels::{Event, Receiver, ReceiverOptions, Sender, SenderOptions};
 use crate::migration::memory::dirty_ranges;
 use crate::migration::precopy::{decide, Decision, PrecopyConfig, RoundReport};
-use crate::migration::protocol::{StreamHeader, STREAM_HEADER_LEN};
 use crate::migration::ranges::{MemRange, MemoryLayout};
 use crate::migration::transport::{self, Transport};
 use crate::migration::{new_session_id, StartInfo};
@@ -346,44 +344,13 @@ impl Listener {
         }
     }
 
-    /// Accepts the first connection, reads (without consuming) its stream header to learn
-    /// how many channels the source opens, then accepts the rest.
+    /// Accepts the source's channels.
     fn accept_session(&self) -> Result<Vec<Box<dyn Transport>>, String> {
-        let err = |e: transport::TransportError| e.to_string();
-        let io = |e: std::io::Error| format!("accepting the source: {e}");
-        let fd = match self {
-            Listener::Tcp(l) => l.as_raw_fd(),
-            Listener::Unix(l, _) => l.as_raw_fd(),
-        };
-        wait_readable(fd, ACCEPT_TIMEOUT)?;
-        let (first, channels): (Box<dyn Transport>, u16) = match self {
-            Listener::Tcp(l) => {
-                let (s, _) = l.accept().map_err(io)?;
-                s.set_nodelay(true).map_err(io)?;
-                transport::set_tcp_timeouts(&s, IO_TIMEOUT).map_err(io)?;
-                let n = peek_channels(s.as_raw_fd())?;
-                (Box::new(s), n)
-            }
-            Listener::Unix(l, _) => {
-                let (s, _) = l.accept().map_err(io)?;
-                transport::set_unix_timeouts(&s, IO_TIMEOUT).map_err(io)?;
-                let n = peek_channels(s.as_raw_fd())?;
-                (Box::new(s), n)
-            }
-        };
-        let mut first = vec![first];
-        if channels > 1 {
-            let rest = match self {
-                Listener::Tcp(l) => {
-                    transport::accept_tcp(l, channels - 1, IO_TIMEOUT).map_err(err)?
-                }
-                Listener::Unix(l, _) => {
-                    transport::accept_unix(l, channels - 1, IO_TIMEOUT).map_err(err)?
-                }
-            };
-            first.extend(rest);
+        match self {
+            Listener::Tcp(l) => transport::accept_session_tcp(l, ACCEPT_TIMEOUT, IO_TIMEOUT),
+            Listener::Unix(l, _) => transport::accept_session_unix(l, ACCEPT_TIMEOUT, IO_TIMEOUT),
         }
-        Ok(first)
+        .map_err(|e| e.to_string())
     }
 }
 
@@ -393,47 +360,6 @@ impl Drop for Listener {
             let _ = std::fs::remove_file(path);
         }
     }
-}
-
-/// Waits until `fd` is readable (a connection to accept), at most `timeout`.
-fn wait_readable(fd: i32, timeout: Duration) -> Result<(), String> {
-    let mut p = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
-    // SAFETY: one valid pollfd for the duration of the call.
-    match unsafe { libc::poll(&mut p, 1, ms) } {
-        1 => Ok(()),
-        0 => Err(format!(
-            "no source connected within {} s",
-            timeout.as_secs()
-        )),
-        _ => Err(format!("poll: {}", std::io::Error::last_os_error())),
-    }
-}
-
-/// The channel count in a stream's header, read with MSG_PEEK so the receiver still sees it.
-fn peek_channels(fd: i32) -> Result<u16, String> {
-    let mut buf = [0u8; STREAM_HEADER_LEN];
-    // SAFETY: recv into a buffer we own, of its exact length; the socket has a read timeout.
-    let n = unsafe {
-        libc::recv(
-            fd,
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_PEEK | libc::MSG_WAITALL,
-        )
-    };
-    if n != STREAM_HEADER_LEN as isize {
-        return Err(format!(
-            "the first migration stream sent no header ({})",
-            std::io::Error::last_os_error()
-        ));
-    }
-    let header = StreamHeader::decode(&buf).map_err(|e| e.to_string())?;
-    Ok(header.channels)
 }
 
 /// Starts the destination worker on `listener`.

@@ -1,0 +1,414 @@
+//! The primary: copies the whole VM to the secondary, then checkpoints it at every interval
+//! (or on request) until the secondary is lost or protection is ended.
+//!
+//! A checkpoint: pause the PVM → save its state and take the dirty log → send the dirty pages
+//! (N channels) and the checkpoint record → Complete → the secondary flushes, loads and acks →
+//! resume. One round trip per checkpoint. Any failure resumes the PVM and ends protection:
+//! the PVM never stays paused on a dead peer.
+
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::sync::mpsc::{Receiver as MpscReceiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use migration::transport::{self, Transport};
+use migration::{
+    new_session_id, DirtyBitmap, MemRange, MemoryLayout, Sender, SenderOptions, StartInfo,
+};
+
+use crate::heartbeat::{Heartbeat, LostReason};
+use crate::protection::{Command, FailoverSwitch, Protection};
+use crate::record::{Reason, Record};
+use crate::status::{
+    ms, CheckpointReport, ColoExit, ColoState, ColoStatus, ExitAction, Role, SharedStatus,
+};
+use crate::vm::{Observer, ProtectedVm};
+
+/// Bound on every connect, read and write on the checkpoint streams.
+pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the primary keeps trying to reach a secondary that is not listening yet.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
+/// The initial sync stops iterating once this little is left for the first checkpoint.
+const SYNC_SMALL_ENOUGH: u64 = 32 << 20;
+/// ... or after this many rounds (a guest that dirties faster than the link).
+const SYNC_MAX_ROUNDS: usize = 5;
+
+/// How the primary protects its VM.
+#[derive(Clone, Debug)]
+pub struct PrimaryConfig {
+    /// The secondary's HOST:PORT.
+    pub peer: String,
+    /// Parallel checkpoint channels.
+    pub channels: u16,
+    /// Time from the end of one checkpoint to the start of the next.
+    pub interval: Duration,
+    /// Heartbeat period.
+    pub heartbeat_interval: Duration,
+    /// Silence after which the secondary counts as lost.
+    pub heartbeat_timeout: Duration,
+    /// The VM's configuration, for the secondary to build the same hardware.
+    pub config_json: String,
+    /// vCPUs.
+    pub vcpus: u32,
+}
+
+/// Starts protecting `vm`: a worker thread connects, syncs and checkpoints.
+pub fn start_primary(
+    vm: Arc<dyn ProtectedVm>,
+    cfg: PrimaryConfig,
+    observer: Arc<dyn Observer>,
+) -> std::io::Result<Protection> {
+    let mut status = ColoStatus::new(
+        Role::Primary,
+        Some(cfg.peer.clone()),
+        cfg.interval,
+        cfg.channels,
+    );
+    status.heartbeat.interval_ms = cfg.heartbeat_interval.as_millis() as u64;
+    status.heartbeat.timeout_ms = cfg.heartbeat_timeout.as_millis() as u64;
+    let status = SharedStatus::new(status);
+    let switch = Arc::new(FailoverSwitch::default());
+    let (tx, rx) = std::sync::mpsc::channel();
+    switch.wake_with(tx.clone());
+    let worker = Worker {
+        vm,
+        cfg,
+        status: status.clone(),
+        switch: switch.clone(),
+        observer,
+        seq: 0,
+    };
+    std::thread::Builder::new()
+        .name("colo-primary".into())
+        .spawn(move || worker.run(rx))?;
+    Ok(Protection {
+        status,
+        switch,
+        commands: Some(tx),
+    })
+}
+
+/// Why protection ended.
+struct End {
+    reason: String,
+    during_checkpoint: bool,
+}
+
+impl End {
+    fn new(reason: impl Into<String>, during_checkpoint: bool) -> Self {
+        End {
+            reason: reason.into(),
+            during_checkpoint,
+        }
+    }
+}
+
+struct Worker {
+    vm: Arc<dyn ProtectedVm>,
+    cfg: PrimaryConfig,
+    status: SharedStatus,
+    switch: Arc<FailoverSwitch>,
+    observer: Arc<dyn Observer>,
+    seq: u64,
+}
+
+impl Worker {
+    fn run(mut self, commands: MpscReceiver<Command>) {
+        let mut sender = None;
+        let end = self.protect(&mut sender, &commands);
+        // A lost peer is the cause; the I/O error it provoked is a consequence.
+        let reason = self.switch.reason().unwrap_or(end.reason);
+        if let Some(s) = sender.as_mut() {
+            s.abandon(&reason);
+        }
+        self.switch.disarm();
+        self.vm.stop_dirty_log();
+        let exit = ColoExit {
+            role: Role::Primary,
+            reason,
+            during_checkpoint: end.during_checkpoint,
+            after_checkpoints: self.status.lock().checkpoints,
+            action: ExitAction::Continue,
+        };
+        {
+            let mut s = self.status.lock();
+            s.state = if self.switch.reason().is_some() {
+                ColoState::FailedOver
+            } else {
+                ColoState::Stopped
+            };
+            s.exit = Some(exit.clone());
+        }
+        self.observer.exited(exit);
+    }
+
+    fn protect(&mut self, slot: &mut Option<Sender>, commands: &MpscReceiver<Command>) -> End {
+        let sender = match self.connect() {
+            Ok(s) => slot.insert(s),
+            Err(e) => return End::new(e, false),
+        };
+        if let Err(e) = self.sync(sender) {
+            return End::new(format!("initial sync: {e}"), true);
+        }
+        self.status.lock().state = ColoState::Protected;
+        self.observer.event(
+            "protected",
+            serde_json::json!({"peer": self.cfg.peer, "channels": self.cfg.channels}),
+        );
+        let mut interval = self.cfg.interval;
+        let mut next = Instant::now() + interval;
+        loop {
+            if self.switch.reason().is_some() {
+                return End::new("", false);
+            }
+            let wait = next.saturating_duration_since(Instant::now());
+            let (reason, pause_after) = match commands.recv_timeout(wait) {
+                Err(RecvTimeoutError::Timeout) => (Reason::Interval, false),
+                Err(RecvTimeoutError::Disconnected) => {
+                    return End::new("the VMM dropped protection", false)
+                }
+                Ok(Command::Wake) => continue,
+                Ok(Command::SetInterval(d)) => {
+                    interval = d;
+                    next = Instant::now() + d;
+                    self.status.lock().checkpoint_interval_ms = d.as_millis() as u64;
+                    continue;
+                }
+                Ok(Command::Checkpoint {
+                    reason,
+                    pause_after,
+                }) => (reason, pause_after),
+            };
+            if let Err(e) = self.checkpoint(sender, reason, pause_after, Vec::new()) {
+                return End::new(format!("checkpoint failed: {e}"), true);
+            }
+            next = Instant::now() + interval;
+        }
+    }
+
+    /// Connects the checkpoint channels, then the heartbeat.
+    fn connect(&self) -> Result<Sender, String> {
+        let addr = resolve(&self.cfg.peer)?;
+        let deadline = Instant::now() + CONNECT_PATIENCE;
+        let streams = loop {
+            match transport::connect_tcp(addr, self.cfg.channels, IO_TIMEOUT) {
+                Ok(s) => break s,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(format!("cannot reach the secondary at {addr}: {e}"))
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(100)),
+            }
+        };
+        let clones = clone_all(&streams)?;
+        self.switch.guard_streams(clones);
+        let sender = Sender::new(
+            streams,
+            new_session_id(),
+            SenderOptions {
+                io_timeout: IO_TIMEOUT,
+                ack_timeout: IO_TIMEOUT * 3,
+                ..SenderOptions::default()
+            },
+        )
+        .map_err(|e| e.to_string())?;
+        // After the channels, so the secondary tells them apart by order.
+        let hb = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+            .and_then(|s| s.set_nodelay(true).map(|()| s))
+            .map_err(|e| format!("heartbeat connection to {addr}: {e}"))?;
+        let switch = self.switch.clone();
+        let hb = Heartbeat::start(
+            Box::new(hb),
+            self.cfg.heartbeat_interval,
+            self.cfg.heartbeat_timeout,
+            move |why| match why {
+                LostReason::Farewell => switch.peer_left("the secondary ended protection".into()),
+                other => switch.throw(format!("secondary lost: {other}"), false),
+            },
+        )
+        .map_err(|e| format!("starting the heartbeat: {e}"))?;
+        self.switch.own_heartbeat(hb);
+        Ok(sender)
+    }
+
+    /// Copies the whole VM while it runs, a few rounds of what it dirtied meanwhile, then the
+    /// first checkpoint. Rounds before it are acked, so the sender never runs ahead.
+    fn sync(&mut self, sender: &mut Sender) -> Result<(), String> {
+        let regions = self.vm.regions();
+        let layout = MemoryLayout::new(regions.clone()).map_err(|e| e.to_string())?;
+        sender
+            .send_start(&StartInfo {
+                layout,
+                vcpus: self.cfg.vcpus,
+                config_json: self.cfg.config_json.clone(),
+            })
+            .map_err(|e| e.to_string())?;
+        self.vm.start_dirty_log()?;
+        let mut ranges = regions;
+        let mut rounds = 0;
+        let pending = loop {
+            sender
+                .send_round(&ranges, self.vm.memory())
+                .map_err(|e| e.to_string())?;
+            sender.wait_round_applied().map_err(|e| e.to_string())?;
+            rounds += 1;
+            let dirty = self.vm.take_dirty()?;
+            let (next, bytes) = ranges_of(&dirty)?;
+            if bytes <= SYNC_SMALL_ENOUGH || rounds >= SYNC_MAX_ROUNDS {
+                break dirty;
+            }
+            ranges = next;
+        };
+        self.checkpoint(sender, Reason::Initial, false, pending)
+    }
+
+    /// One checkpoint; `carry` holds dirty pages not sent yet (from the initial sync).
+    fn checkpoint(
+        &mut self,
+        sender: &mut Sender,
+        reason: Reason,
+        pause_after: bool,
+        carry: Vec<DirtyBitmap>,
+    ) -> Result<(), String> {
+        self.seq += 1;
+        self.status.lock().state = ColoState::Checkpointing;
+        let t0 = Instant::now();
+        let we_paused = self.vm.pause()?;
+        let result = self.paused_part(sender, reason, pause_after, carry, t0);
+        let resume_at = Instant::now();
+        let resumed = if we_paused && (result.is_err() || !pause_after) {
+            self.vm.resume()
+        } else {
+            Ok(())
+        };
+        let mut report = result?;
+        resumed?;
+        let pause = t0.elapsed();
+        report
+            .phases_ms
+            .insert("resume".into(), ms(resume_at.elapsed()));
+        let event = serde_json::json!({
+            "seq": report.seq,
+            "reason": reason,
+            "pause_ms": ms(pause),
+            "bytes": report.bytes,
+            "pages": report.pages,
+            "phases_ms": report.phases_ms,
+            "pause_after": pause_after,
+        });
+        {
+            let mut s = self.status.lock();
+            s.record(reason, pause, report);
+            s.state = ColoState::Protected;
+        }
+        self.observer.event("checkpoint", event);
+        Ok(())
+    }
+
+    /// The part of a checkpoint while the PVM is paused (up to the secondary's ack).
+    fn paused_part(
+        &mut self,
+        sender: &mut Sender,
+        reason: Reason,
+        pause_after: bool,
+        carry: Vec<DirtyBitmap>,
+        t0: Instant,
+    ) -> Result<CheckpointReport, String> {
+        let mut phases = std::collections::BTreeMap::new();
+        let mut mark = t0;
+        let mut phase = |name: &str, phases: &mut std::collections::BTreeMap<String, f64>| {
+            let now = Instant::now();
+            phases.insert(name.to_string(), ms(now - mark));
+            mark = now;
+        };
+        phase("pause", &mut phases);
+        let state = self.vm.save_state()?;
+        let mut dirty = self.vm.take_dirty()?;
+        merge(&mut dirty, &carry);
+        let (ranges, _) = ranges_of(&dirty)?;
+        phase("collect", &mut phases);
+        let stats = sender
+            .send_round(&ranges, self.vm.memory())
+            .map_err(|e| e.to_string())?;
+        if reason == Reason::Initial {
+            sender.wait_round_applied().map_err(|e| e.to_string())?;
+        }
+        let record = Record {
+            seq: self.seq,
+            reason,
+            pause_after,
+            state: &state,
+        }
+        .encode();
+        sender.send_state(&record).map_err(|e| e.to_string())?;
+        phase("transfer", &mut phases);
+        sender.complete().map_err(|e| e.to_string())?;
+        phase("secondary", &mut phases);
+        let bytes = stats.pages.data_bytes + stats.pages.zero_bytes;
+        Ok(CheckpointReport {
+            seq: self.seq,
+            bytes,
+            pages: bytes / migration::PAGE_SIZE,
+            phases_ms: phases,
+        })
+    }
+}
+
+fn resolve(peer: &str) -> Result<SocketAddr, String> {
+    peer.to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {peer}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("{peer} resolves to no address"))
+}
+
+/// Second handles on `streams`, for the failover switch.
+pub(crate) fn clone_all(streams: &[Box<dyn Transport>]) -> Result<Vec<Box<dyn Transport>>, String> {
+    streams
+        .iter()
+        .map(|s| s.try_clone_transport())
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("duplicating a checkpoint stream: {e}"))
+}
+
+/// The dirty ranges of `bitmaps` and their total bytes.
+fn ranges_of(bitmaps: &[DirtyBitmap]) -> Result<(Vec<MemRange>, u64), String> {
+    let mut out = Vec::new();
+    for b in bitmaps {
+        b.ranges(&mut out).map_err(|e| e.to_string())?;
+    }
+    let bytes = out.iter().map(|r| r.len).sum();
+    Ok((out, bytes))
+}
+
+/// ORs `b` into `a` (same regions, in the same order).
+fn merge(a: &mut [DirtyBitmap], b: &[DirtyBitmap]) {
+    for (x, y) in a.iter_mut().zip(b) {
+        for (wx, wy) in x.words.iter_mut().zip(&y.words) {
+            *wx |= wy;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merged_dirty_sets_keep_every_page() {
+        let page = migration::PAGE_SIZE;
+        let mut a = vec![DirtyBitmap {
+            gpa: 0,
+            len: 128 * page,
+            words: vec![0b0101, 0],
+        }];
+        let b = vec![DirtyBitmap {
+            gpa: 0,
+            len: 128 * page,
+            words: vec![0b0010, 1 << 63],
+        }];
+        merge(&mut a, &b);
+        let (ranges, bytes) = ranges_of(&a).unwrap();
+        assert_eq!(bytes, 4 * page);
+        assert_eq!(ranges[0], MemRange::new(0, 3 * page));
+        assert_eq!(ranges[1], MemRange::new(127 * page, page));
+    }
+}

@@ -1,0 +1,392 @@
+//! The secondary: waits for the primary, builds the SVM from the primary's configuration,
+//! keeps the RAM cache, and applies each checkpoint only once all of it has arrived.
+//!
+//! Pages land in the cache while the SVM keeps running; the SVM pauses only when the
+//! primary's Complete arrives: flush the pages dirtied by the PVM or the SVM from the cache,
+//! load the state, ack, resume. A checkpoint cut off half-way leaves the SVM as it was, on
+//! the last complete checkpoint. When the primary is lost the SVM goes on as a normal VM;
+//! when the primary ends protection on purpose (a farewell, or Abandon on the stream), the
+//! SVM stops, so that one VM runs, not two.
+
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use migration::transport::{self, TransportError};
+use migration::{DirtyBitmap, Event, MemRange, Receiver, ReceiverOptions};
+
+use crate::heartbeat::{Heartbeat, LostReason};
+use crate::primary::{clone_all, IO_TIMEOUT};
+use crate::protection::{FailoverSwitch, Protection};
+use crate::ram_cache::{RamCache, PAGE_SIZE};
+use crate::record::{self, Reason};
+use crate::status::{
+    ms, CheckpointReport, ColoExit, ColoState, ColoStatus, ExitAction, Role, SharedStatus,
+};
+use crate::vm::{Observer, ProtectedVm, SecondaryHost};
+
+/// How long the checkpoint stream may stay silent between two checkpoints. The heartbeat,
+/// not this, notices a dead primary; this only bounds a primary that beats but never sends.
+const IDLE_LIMIT: Duration = Duration::from_secs(2 * 3600);
+/// Poll period while waiting for the primary (to notice an API failover meanwhile).
+const ACCEPT_POLL: Duration = Duration::from_millis(500);
+
+/// How the secondary waits.
+#[derive(Clone, Debug)]
+pub struct SecondaryConfig {
+    /// The address it listens on (for the status).
+    pub listen: String,
+    /// Heartbeat period.
+    pub heartbeat_interval: Duration,
+    /// Silence after which the primary counts as lost.
+    pub heartbeat_timeout: Duration,
+}
+
+/// Starts waiting for a primary on `listener`.
+pub fn start_secondary(
+    listener: TcpListener,
+    cfg: SecondaryConfig,
+    host: Box<dyn SecondaryHost>,
+    observer: Arc<dyn Observer>,
+) -> std::io::Result<Protection> {
+    let mut status = ColoStatus::new(Role::Secondary, None, Duration::ZERO, 1);
+    status.heartbeat.interval_ms = cfg.heartbeat_interval.as_millis() as u64;
+    status.heartbeat.timeout_ms = cfg.heartbeat_timeout.as_millis() as u64;
+    let status = SharedStatus::new(status);
+    let switch = Arc::new(FailoverSwitch::default());
+    let worker = Worker {
+        cfg,
+        status: status.clone(),
+        switch: switch.clone(),
+        observer,
+        vm: None,
+        applied: 0,
+    };
+    std::thread::Builder::new()
+        .name("colo-secondary".into())
+        .spawn(move || worker.run(listener, host))?;
+    Ok(Protection {
+        status,
+        switch,
+        commands: None,
+    })
+}
+
+struct End {
+    reason: String,
+    during_checkpoint: bool,
+    /// The SVM cannot go on (never synced, or a load failed half-way).
+    unusable: bool,
+}
+
+impl End {
+    fn lost(reason: impl Into<String>, during_checkpoint: bool) -> Self {
+        End {
+            reason: reason.into(),
+            during_checkpoint,
+            unusable: false,
+        }
+    }
+}
+
+struct Worker {
+    cfg: SecondaryConfig,
+    status: SharedStatus,
+    switch: Arc<FailoverSwitch>,
+    observer: Arc<dyn Observer>,
+    vm: Option<Arc<dyn ProtectedVm>>,
+    /// Complete checkpoints applied to the SVM.
+    applied: u64,
+}
+
+impl Worker {
+    fn run(mut self, listener: TcpListener, mut host: Box<dyn SecondaryHost>) {
+        let end = self.protect(&listener, host.as_mut());
+        drop(listener);
+        let reason = self.switch.reason().unwrap_or(end.reason);
+        self.switch.disarm();
+        let stop = end.unusable || self.applied == 0 || self.switch.peer_said_farewell();
+        if let Some(vm) = &self.vm {
+            vm.stop_dirty_log();
+        }
+        let exit = ColoExit {
+            role: Role::Secondary,
+            reason,
+            during_checkpoint: end.during_checkpoint,
+            after_checkpoints: self.applied,
+            action: if stop {
+                ExitAction::Stop
+            } else {
+                ExitAction::Continue
+            },
+        };
+        {
+            let mut s = self.status.lock();
+            s.state = if stop {
+                ColoState::Stopped
+            } else {
+                ColoState::FailedOver
+            };
+            s.exit = Some(exit.clone());
+        }
+        self.observer.exited(exit);
+    }
+
+    fn protect(&mut self, listener: &TcpListener, host: &mut dyn SecondaryHost) -> End {
+        let mut receiver = match self.accept(listener) {
+            Ok(r) => r,
+            Err(e) => return End::lost(e, false),
+        };
+        let result = self.receive(&mut receiver, host);
+        if let Err(end) = &result {
+            receiver.reject(&end.reason);
+        }
+        match result {
+            Ok(end) | Err(end) => end,
+        }
+    }
+
+    /// Waits for the primary's checkpoint channels, then its heartbeat connection.
+    fn accept(&mut self, listener: &TcpListener) -> Result<Receiver, String> {
+        let streams = loop {
+            if let Some(r) = self.switch.reason() {
+                return Err(r);
+            }
+            match transport::accept_session_tcp(listener, ACCEPT_POLL, IO_TIMEOUT) {
+                Ok(s) => break s,
+                Err(TransportError::NoPeer(_)) => continue,
+                Err(e) => {
+                    log::warn!("COLO: refused a connection: {e}");
+                    continue;
+                }
+            }
+        };
+        self.switch.guard_streams(clone_all(&streams)?);
+        {
+            let mut s = self.status.lock();
+            s.peer = Some(self.cfg.listen.clone());
+            s.channels = streams.len() as u32;
+        }
+        transport::wait_for_connection(listener.as_raw_fd(), IO_TIMEOUT)
+            .map_err(|e| format!("the primary's heartbeat connection: {e}"))?;
+        let (hb, _) = listener
+            .accept()
+            .map_err(|e| format!("accepting the heartbeat: {e}"))?;
+        hb.set_nodelay(true)
+            .map_err(|e| format!("heartbeat socket: {e}"))?;
+        self.start_heartbeat(hb)?;
+        Receiver::new(
+            streams,
+            ReceiverOptions {
+                io_timeout: IO_TIMEOUT,
+                idle_timeout: IDLE_LIMIT,
+                ..ReceiverOptions::default()
+            },
+        )
+        .map_err(|e| e.to_string())
+    }
+
+    fn start_heartbeat(&self, hb: TcpStream) -> Result<(), String> {
+        let switch = self.switch.clone();
+        let hb = Heartbeat::start(
+            Box::new(hb),
+            self.cfg.heartbeat_interval,
+            self.cfg.heartbeat_timeout,
+            move |why| match why {
+                LostReason::Farewell => switch.peer_left("the primary ended protection".into()),
+                other => switch.throw(format!("primary lost: {other}"), false),
+            },
+        )
+        .map_err(|e| format!("starting the heartbeat: {e}"))?;
+        self.switch.own_heartbeat(hb);
+        Ok(())
+    }
+
+    /// Receives the initial sync and then checkpoints until the stream ends. `Ok` is an
+    /// orderly end (the primary abandoned), `Err` a failure.
+    fn receive(
+        &mut self,
+        receiver: &mut Receiver,
+        host: &mut dyn SecondaryHost,
+    ) -> Result<End, End> {
+        let fail = |e: migration::ChannelError, during: bool| End::lost(e.to_string(), during);
+        let start = receiver.recv_start().map_err(|e| fail(e, false))?;
+        let regions: Vec<MemRange> = start.layout.regions().to_vec();
+        let vm = host
+            .create_vm(&start.config_json, start.vcpus, &regions)
+            .map_err(|e| End {
+                reason: format!("cannot build the SVM: {e}"),
+                during_checkpoint: false,
+                unusable: true,
+            })?;
+        self.vm = Some(vm.clone());
+        let spans: Vec<(u64, u64)> = regions.iter().map(|r| (r.gpa, r.len)).collect();
+        let cache = Arc::new(RamCache::new(&spans).map_err(|e| End {
+            reason: e.to_string(),
+            during_checkpoint: false,
+            unusable: true,
+        })?);
+        receiver
+            .start_applying(cache.clone())
+            .map_err(|e| fail(e, false))?;
+        let mut pending: Option<Vec<u8>> = None;
+        let mut arriving = false;
+        loop {
+            let event = receiver.next_event().map_err(|e| fail(e, arriving))?;
+            arriving = true;
+            match event {
+                Event::RoundDone { .. } => {
+                    // Until the first checkpoint is applied the primary waits for each round.
+                    if self.applied == 0 {
+                        receiver.ack().map_err(|e| fail(e, true))?;
+                    }
+                }
+                Event::State(blob) => {
+                    if pending.is_some() {
+                        return Err(End::lost("two checkpoint records in one checkpoint", true));
+                    }
+                    record::decode(&blob)
+                        .map_err(|e| End::lost(format!("bad checkpoint record: {e}"), true))?;
+                    pending = Some(blob);
+                }
+                Event::Complete => {
+                    let blob = pending.take().ok_or_else(|| {
+                        End::lost("a checkpoint completed without its record", true)
+                    })?;
+                    self.apply(&vm, &cache, &blob, receiver, &regions)?;
+                    arriving = false;
+                }
+                Event::Abandoned(why) => {
+                    self.switch
+                        .peer_left(format!("the primary ended protection: {why}"));
+                    return Ok(End::lost(why, arriving));
+                }
+            }
+        }
+    }
+
+    /// Applies a complete checkpoint: pause the SVM, flush, load, ack, resume.
+    fn apply(
+        &mut self,
+        vm: &Arc<dyn ProtectedVm>,
+        cache: &RamCache,
+        blob: &[u8],
+        receiver: &mut Receiver,
+        regions: &[MemRange],
+    ) -> Result<(), End> {
+        let rec = record::decode(blob)
+            .map_err(|e| End::lost(format!("bad checkpoint record: {e}"), true))?;
+        let first = self.applied == 0;
+        if first != (rec.reason == Reason::Initial) {
+            return Err(End::lost(
+                format!(
+                    "checkpoint {} has reason {:?} out of order",
+                    rec.seq, rec.reason
+                ),
+                true,
+            ));
+        }
+        // Failover asked for before the load began: abandon, the SVM stays as it is.
+        if let Some(r) = self.switch.reason() {
+            return Err(End::lost(r, true));
+        }
+        self.status.lock().state = ColoState::Checkpointing;
+        let broken = |what: &str, e: String| End {
+            reason: format!("{what}: {e}"),
+            during_checkpoint: true,
+            unusable: true,
+        };
+        let t0 = Instant::now();
+        let mut phases = std::collections::BTreeMap::new();
+        let we_paused = if first {
+            false
+        } else {
+            vm.pause()
+                .map_err(|e| End::lost(format!("pausing the SVM: {e}"), true))?
+        };
+        let svm_dirty = if first {
+            regions
+                .iter()
+                .map(|r| vec![0u64; (r.len / PAGE_SIZE).div_ceil(64) as usize])
+                .collect()
+        } else {
+            match vm.take_dirty() {
+                Ok(d) => words_per_region(d, regions),
+                Err(e) => {
+                    if we_paused {
+                        let _ = vm.resume();
+                    }
+                    return Err(End::lost(format!("the SVM's dirty log: {e}"), true));
+                }
+            }
+        };
+        phases.insert("pause".to_string(), ms(t0.elapsed()));
+        // From here on the SVM's memory changes: finish, whatever the switch says.
+        let t = Instant::now();
+        let flushed = cache
+            .flush(&svm_dirty, |gpa, data| vm.write_ram(gpa, data))
+            .map_err(|e| broken("flushing the RAM cache", e.to_string()))?;
+        phases.insert("flush".to_string(), ms(t.elapsed()));
+        let t = Instant::now();
+        vm.load_state(rec.state.to_vec())
+            .map_err(|e| broken("loading the checkpoint's state", e))?;
+        phases.insert("load".to_string(), ms(t.elapsed()));
+        self.applied += 1;
+        let acked = receiver.ack();
+        if first {
+            vm.start_dirty_log()
+                .map_err(|e| broken("starting the SVM's dirty log", e))?;
+        }
+        let t = Instant::now();
+        if !rec.pause_after && (first || we_paused) {
+            vm.resume().map_err(|e| broken("resuming the SVM", e))?;
+        }
+        phases.insert("resume".to_string(), ms(t.elapsed()));
+        let pause = t0.elapsed();
+        let report = CheckpointReport {
+            seq: rec.seq,
+            bytes: flushed.pages * PAGE_SIZE,
+            pages: flushed.pages,
+            phases_ms: phases,
+        };
+        let event = serde_json::json!({
+            "seq": rec.seq,
+            "reason": rec.reason,
+            "pause_ms": ms(pause),
+            "bytes": report.bytes,
+            "pages": report.pages,
+            "runs": flushed.runs,
+            "phases_ms": report.phases_ms,
+        });
+        {
+            let mut s = self.status.lock();
+            s.record(rec.reason, pause, report);
+            s.state = ColoState::Protected;
+        }
+        if first {
+            self.observer.event("protected", serde_json::json!({}));
+        }
+        self.observer.event("checkpoint", event);
+        acked.map_err(|e| End::lost(e.to_string(), false))
+    }
+}
+
+/// The SVM's dirty words per cache region (a region the log did not report is clean).
+fn words_per_region(dirty: Vec<DirtyBitmap>, regions: &[MemRange]) -> Vec<Vec<u64>> {
+    regions
+        .iter()
+        .map(|r| {
+            let words = (r.len / PAGE_SIZE).div_ceil(64) as usize;
+            dirty
+                .iter()
+                .find(|d| d.gpa == r.gpa)
+                .map(|d| {
+                    let mut w = d.words.clone();
+                    w.resize(words, 0);
+                    w
+                })
+                .unwrap_or_else(|| vec![0; words])
+        })
+        .collect()
+}

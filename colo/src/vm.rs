@@ -1,0 +1,51 @@
+//! What COLO needs from a VM, implemented by the VMM. COLO never sees KVM, devices or the
+//! state format: it moves pages, and hands the saved state (the VM's `Stateful` snapshot,
+//! opaque bytes here) from one side's `save_state` to the other side's `load_state`.
+
+use migration::{DirtyBitmap, GuestMemoryReader, MemRange};
+
+/// A VM protected by COLO (the PVM on the primary, the SVM on the secondary).
+pub trait ProtectedVm: Send + Sync {
+    /// Guest RAM regions.
+    fn regions(&self) -> Vec<MemRange>;
+    /// Guest RAM for reading pages (while the VM runs or is paused).
+    fn memory(&self) -> &dyn GuestMemoryReader;
+    /// Starts dirty logging (vCPU and VMM writes); the log starts empty.
+    fn start_dirty_log(&self) -> Result<(), String>;
+    /// Stops dirty logging.
+    fn stop_dirty_log(&self);
+    /// Pages written since the last call or since logging started; clears the log.
+    fn take_dirty(&self) -> Result<Vec<DirtyBitmap>, String>;
+    /// Pauses vCPUs and devices. `Ok(false)`: it was already paused (by the user), so the
+    /// checkpoint must not resume it.
+    fn pause(&self) -> Result<bool, String>;
+    /// The VM's state (vCPUs, devices), serialized; the VM is paused.
+    fn save_state(&self) -> Result<Vec<u8>, String>;
+    /// Loads state saved by the other side's `save_state`; the VM is paused.
+    fn load_state(&self, state: Vec<u8>) -> Result<(), String>;
+    /// Resumes vCPUs and devices.
+    fn resume(&self) -> Result<(), String>;
+    /// Copies bytes into guest RAM without marking them dirty (the secondary's flush: these
+    /// pages are the checkpoint, not the SVM's own writes).
+    fn write_ram(&self, gpa: u64, data: &[u8]) -> Result<(), String>;
+}
+
+/// Builds the SVM on the secondary when the primary's first message arrives.
+pub trait SecondaryHost: Send {
+    /// A VM for the primary's configuration (`config_json`, as the VMM serializes it), with
+    /// memory laid out as `regions`, not running yet.
+    fn create_vm(
+        &mut self,
+        config_json: &str,
+        vcpus: u32,
+        regions: &[MemRange],
+    ) -> Result<std::sync::Arc<dyn ProtectedVm>, String>;
+}
+
+/// Where COLO reports what happened (the VMM turns these into API events and its own state).
+pub trait Observer: Send + Sync {
+    /// An event for the event stream: `checkpoint`, `protected`, ….
+    fn event(&self, name: &str, properties: serde_json::Value);
+    /// Protection ended; called once, from the COLO worker thread, as its last act.
+    fn exited(&self, exit: crate::status::ColoExit);
+}
