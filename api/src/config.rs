@@ -32,6 +32,24 @@ pub enum ConfigError {
         /// The offending word.
         word: String,
     },
+    /// A key given twice where the option takes it once.
+    #[error("--{option}: key '{key}' given more than once")]
+    DuplicateKey {
+        /// The option.
+        option: &'static str,
+        /// The repeated key.
+        key: &'static str,
+    },
+    /// A key the option needs (alone, or with the other keys given).
+    #[error("--{option}: missing {key}: {why}")]
+    MissingKey {
+        /// The option.
+        option: &'static str,
+        /// The key that is needed.
+        key: &'static str,
+        /// When and why it is needed.
+        why: String,
+    },
     /// A value that does not parse or is out of range.
     #[error("--{option}: invalid {key} '{value}': {why}")]
     InvalidValue {
@@ -54,6 +72,24 @@ fn parse_kv(
     input: &str,
     known: &'static [&'static str],
 ) -> Result<BTreeMap<&'static str, String>> {
+    split_kv(option, input, known, false)
+}
+
+/// [`parse_kv`] that also refuses a key given twice.
+pub(crate) fn parse_kv_unique(
+    option: &'static str,
+    input: &str,
+    known: &'static [&'static str],
+) -> Result<BTreeMap<&'static str, String>> {
+    split_kv(option, input, known, true)
+}
+
+fn split_kv(
+    option: &'static str,
+    input: &str,
+    known: &'static [&'static str],
+    unique: bool,
+) -> Result<BTreeMap<&'static str, String>> {
     let mut out = BTreeMap::new();
     for word in input.split(',').filter(|w| !w.is_empty()) {
         let (key, value) = word
@@ -72,7 +108,12 @@ fn parse_kv(
                     key: key.to_string(),
                     known: known.join(", "),
                 })?;
-        out.insert(*known_key, value.to_string());
+        if out.insert(*known_key, value.to_string()).is_some() && unique {
+            return Err(ConfigError::DuplicateKey {
+                option,
+                key: known_key,
+            });
+        }
     }
     Ok(out)
 }

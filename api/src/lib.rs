@@ -4,9 +4,10 @@
 //! API's `vm.create` takes the same structure as JSON. The HTTP server runs on its own thread
 //! and hands each request to the VMM's control loop as an [`ApiRequest`] through an
 //! [`ApiSender`] (a channel plus an eventfd the loop polls); each request carries its own reply
-//! channel.
+//! channel. [`colo`] holds the COLO replication settings and bodies.
 
 pub mod client;
+pub mod colo;
 pub mod config;
 pub mod events;
 #[cfg(any(test, feature = "fuzz"))]
@@ -19,6 +20,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
+pub use colo::{ColoCheckpointData, ColoConfig, ColoRole, ColoSetData, MemoryChecksum};
 pub use config::VmConfig;
 pub use events::{EventMonitor, EventMonitorConfig, EventMonitorError};
 pub use http::{
@@ -60,6 +62,18 @@ pub enum ApiRequest {
     VmReceiveMigration(ReceiveMigrationData),
     /// Progress of the current or last migration: [`MigrationStatus`].
     VmMigrationStatus,
+    /// Start COLO replication as primary or secondary.
+    VmColoStart(ColoConfig),
+    /// COLO role, state and checkpoint statistics (a JSON object, `ColoStatus` in the spec).
+    VmColoStatus,
+    /// Stop replicating and carry on alone (the secondary takes over, or the primary goes on).
+    VmColoFailover,
+    /// Change settings of the running COLO pair.
+    VmColoSet(ColoSetData),
+    /// Take a checkpoint now.
+    VmColoCheckpoint(ColoCheckpointData),
+    /// CRC-32 over all guest RAM: [`MemoryChecksum`].
+    VmMemoryChecksum,
 }
 
 /// `vm.snapshot` body.

@@ -122,6 +122,8 @@ fn thousands_of_hostile_requests() {
                 | api::ApiRequest::VmInfo
                 | api::ApiRequest::VmCounters
                 | api::ApiRequest::VmMigrationStatus
+                | api::ApiRequest::VmColoStatus
+                | api::ApiRequest::VmMemoryChecksum
         )),
         "a fuzz case reached the control loop with a state change"
     );

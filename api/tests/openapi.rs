@@ -162,6 +162,14 @@ fn schemas_match_the_wire_types() {
     })
     .unwrap();
     let status = serde_json::to_value(api::MigrationStatus::idle()).unwrap();
+    let colo_config =
+        serde_json::to_value(api::ColoConfig::parse("role=primary,peer=h:1").unwrap()).unwrap();
+    let colo_set = serde_json::to_value(api::ColoSetData {
+        checkpoint_interval_ms: Some(100),
+    })
+    .unwrap();
+    let colo_checkpoint = serde_json::to_value(api::ColoCheckpointData::default()).unwrap();
+    let checksum = serde_json::to_value(api::fuzz::fake_vmm::SAMPLE_CHECKSUM).unwrap();
     let cases = [
         ("VmConfig", &config),
         ("PayloadConfig", &config["payload"]),
@@ -178,6 +186,10 @@ fn schemas_match_the_wire_types() {
         ("SendMigrationData", &send),
         ("ReceiveMigrationData", &receive),
         ("MigrationStatus", &status),
+        ("ColoConfig", &colo_config),
+        ("ColoSetData", &colo_set),
+        ("ColoCheckpointData", &colo_checkpoint),
+        ("MemoryChecksum", &checksum),
     ];
     for (schema, value) in cases {
         let in_spec = spec_properties(&spec, schema);
@@ -229,6 +241,70 @@ fn schemas_match_the_wire_types() {
     })
     .collect();
     assert_eq!(phases, wire_phases);
+
+    let roles = enum_values(&spec, "ColoRole");
+    let wire_roles: BTreeSet<String> = [api::ColoRole::Primary, api::ColoRole::Secondary]
+        .iter()
+        .map(|r| {
+            serde_json::to_value(r)
+                .unwrap()
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(roles, wire_roles);
+}
+
+/// `ColoStatus` is built by the VMM as JSON: the fake VMM's sample (which the remote's
+/// output is tested against) has exactly the documented fields, nested ones included.
+#[test]
+fn colo_status_schema_matches_the_sample() {
+    let spec = spec();
+    let sample = api::fuzz::fake_vmm::sample_colo_status();
+    let schema = &spec["components"]["schemas"]["ColoStatus"];
+    let keys = |s: &Yaml| -> BTreeSet<String> {
+        s["properties"]
+            .as_mapping()
+            .unwrap_or_else(|| panic!("no properties in {s:?}"))
+            .keys()
+            .filter_map(|k| k.as_str().map(String::from))
+            .collect()
+    };
+    let required = |s: &Yaml| -> BTreeSet<String> {
+        s["required"]
+            .as_sequence()
+            .map(|r| {
+                r.iter()
+                    .filter_map(|k| k.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    assert_eq!(keys(schema), json_keys(&sample));
+    assert_eq!(required(schema), json_keys(&sample));
+    let mut exited = sample.clone();
+    exited["exit"] = serde_json::json!({
+        "reason": "peer heartbeat lost", "during_checkpoint": true, "after_checkpoints": 3
+    });
+    for nested in ["pause_ms", "last_checkpoint", "exit", "heartbeat"] {
+        let s = &schema["properties"][nested];
+        assert_eq!(keys(s), json_keys(&exited[nested]), "ColoStatus.{nested}");
+        assert_eq!(required(s), keys(s), "ColoStatus.{nested}");
+    }
+    let enum_of = |field: &str| -> BTreeSet<String> {
+        schema["properties"][field]["enum"]
+            .as_sequence()
+            .unwrap_or_else(|| panic!("ColoStatus.{field} enum"))
+            .iter()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect()
+    };
+    assert!(enum_of("state").contains(sample["state"].as_str().unwrap()));
+    assert!(enum_of("last_reason").contains(sample["last_reason"].as_str().unwrap()));
+    for reason in sample["reasons"].as_object().unwrap().keys() {
+        assert!(enum_of("last_reason").contains(reason), "{reason}");
+    }
 }
 
 fn enum_values(spec: &Yaml, schema: &str) -> BTreeSet<String> {
@@ -265,7 +341,7 @@ fn request_bodies_match_the_routes() {
         if let Some(schema) = r.action.body() {
             assert_eq!(
                 op["requestBody"]["required"].as_bool(),
-                Some(true),
+                Some(r.action.body_required()),
                 "{}",
                 r.path
             );

@@ -388,3 +388,153 @@ fn send_migration_wait_json() {
         o.stderr
     );
 }
+
+#[test]
+fn colo_commands() {
+    let s = setup("colo");
+    for (args, msg) in [
+        (
+            &["colo-start", "role=primary,peer=10.0.0.2:9000,channels=4"][..],
+            "COLO started as primary, replicating to 10.0.0.2:9000",
+        ),
+        (
+            &["colo-start", "role=secondary,listen=[::]:9000"][..],
+            "COLO started as secondary, listening on [::]:9000",
+        ),
+        (
+            &["colo-set", "--checkpoint-interval", "250"][..],
+            "COLO checkpoint interval set to 250 ms",
+        ),
+        (&["colo-checkpoint"][..], "COLO checkpoint taken"),
+        (
+            &["colo-checkpoint", "--pause-after"][..],
+            "COLO checkpoint taken; both VMs stay paused",
+        ),
+        (&["memory-checksum"][..], "crc32=0x1234abcd bytes=536870912"),
+    ] {
+        let o = remote(&s.socket, args, None);
+        assert_eq!(
+            (o.code, o.stdout.trim()),
+            (0, msg),
+            "{args:?}: {}",
+            o.stderr
+        );
+    }
+
+    let o = remote(&s.socket, &["colo-status"], None);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    for want in [
+        "role            primary",
+        "state           protected",
+        "peer            10.0.0.2:9000",
+        "checkpoints     42 (interval 30, divergence 10, initial 1, request 1)",
+        "last reason     divergence",
+        "interval        at most 250 ms apart, 2 channels",
+        "pause           last 12.5 ms, mean 10.2 ms, p99 25.0 ms, max 31.0 ms",
+        "per checkpoint  mean 4.2 MiB (1075 pages); last #42 3.1 MiB (800 pages)",
+        "phases (mean)   ack 1.9 ms, dirty_log 1.2 ms, pause 0.4 ms, send 6.8 ms",
+        "phases (last)   ack 2.5 ms, dirty_log 1.5 ms, pause 0.5 ms, send 8.0 ms",
+        "heartbeat       every 100 ms, timeout 1000 ms, last seen 20 ms ago",
+    ] {
+        assert!(o.stdout.contains(want), "missing {want:?} in\n{}", o.stdout);
+    }
+    assert!(!o.stdout.contains("exit"), "{}", o.stdout);
+
+    let o = remote(&s.socket, &["colo-failover"], None);
+    assert_eq!(
+        (o.code, o.stdout.trim()),
+        (0, "COLO failed over: the VM runs on alone"),
+        "{}",
+        o.stderr
+    );
+    let o = remote(&s.socket, &["colo-failover"], None);
+    assert_eq!(o.code, 1);
+    assert!(
+        o.stderr.contains("COLO has already failed over (HTTP 409)"),
+        "{}",
+        o.stderr
+    );
+    let o = remote(&s.socket, &["colo-status"], None);
+    assert!(
+        o.stdout.contains("state           failed-over"),
+        "{}",
+        o.stdout
+    );
+    assert!(
+        o.stdout.contains(
+            "exit            failover requested, between checkpoints, after 42 checkpoints"
+        ),
+        "{}",
+        o.stdout
+    );
+
+    let o = remote(&s.socket, &["--json", "colo-status"], None);
+    assert_eq!(o.code, 0, "{}", o.stderr);
+    let v: serde_json::Value = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(v["state"], "failed-over");
+    let o = remote(&s.socket, &["memory-checksum", "--json"], None);
+    let sum: api::MemoryChecksum = serde_json::from_str(&o.stdout).unwrap();
+    assert_eq!(sum, api::fuzz::fake_vmm::SAMPLE_CHECKSUM);
+    let o = remote(&s.socket, &["--json", "colo-checkpoint"], None);
+    assert_eq!((o.code, o.stdout.as_str()), (0, ""));
+
+    let o = remote(
+        &s.socket,
+        &["colo-start", "role=secondary,listen=conflict:9000"],
+        None,
+    );
+    assert_eq!(o.code, 1);
+    assert!(
+        o.stderr.contains("COLO is already running (HTTP 409)")
+            && o.stderr.contains("caused by: started earlier as primary"),
+        "{}",
+        o.stderr
+    );
+}
+
+#[test]
+fn bad_colo_arguments_are_refused_before_sending() {
+    let s = setup("colo-bad");
+    for (args, want) in [
+        (
+            &["colo-start", "role=primary"][..],
+            "invalid argument: --colo: missing peer: required with role primary",
+        ),
+        (
+            &["colo-start", "role=primary,peer=h:1,peer=h:2"][..],
+            "key 'peer' given more than once",
+        ),
+        (
+            &["colo-start", "role=primary,peer=h:1,interval=5"][..],
+            "unknown key 'interval'",
+        ),
+        (
+            &["colo-start", "role=secondary,listen=h"][..],
+            "invalid listen 'h': expected HOST:PORT; the :PORT is missing",
+        ),
+        (
+            &["colo-start", "role=primary,peer=h:1,channels=99"][..],
+            "invalid channels '99': expected 1 to 16",
+        ),
+        (
+            &["colo-set"][..],
+            "colo-set: nothing to set: give --checkpoint-interval MS",
+        ),
+        (
+            &["colo-set", "--checkpoint-interval", "5"][..],
+            "invalid argument: checkpoint_interval_ms 5 is out of range 10..=3600000",
+        ),
+    ] {
+        let o = remote(&s.socket, args, None);
+        assert_eq!(o.code, 2, "{args:?}: {}", o.stderr);
+        assert!(o.stderr.contains(want), "{args:?}: {}", o.stderr);
+    }
+    let o = remote(&s.socket, &["colo-checkpoint", "--pause-after=yes"], None);
+    assert_eq!(o.code, 2, "clap refuses it: {}", o.stderr);
+    let o = remote(&s.socket, &["colo-status"], None);
+    assert!(
+        o.stdout.contains("at most 500 ms apart"),
+        "nothing was set: {}",
+        o.stdout
+    );
+}

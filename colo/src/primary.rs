@@ -271,6 +271,10 @@ impl Worker {
     ) -> Result<(), String> {
         self.seq += 1;
         self.status.lock().state = ColoState::Checkpointing;
+        self.observer.event(
+            "checkpoint-started",
+            serde_json::json!({"seq": self.seq, "reason": reason}),
+        );
         let t0 = Instant::now();
         let we_paused = self.vm.pause()?;
         let result = self.paused_part(sender, reason, pause_after, carry, t0);

@@ -231,10 +231,20 @@ impl Worker {
             .start_applying(cache.clone())
             .map_err(|e| fail(e, false))?;
         let mut pending: Option<Vec<u8>> = None;
-        let mut arriving = false;
+        // Bytes received when the last checkpoint completed: more means one is arriving.
+        let mut settled = 0u64;
+        let received = |r: &Receiver| {
+            let st = r.stats();
+            st.data_bytes + st.zero_bytes
+        };
         loop {
-            let event = receiver.next_event().map_err(|e| fail(e, arriving))?;
-            arriving = true;
+            let event = match receiver.next_event() {
+                Ok(e) => e,
+                Err(e) => {
+                    let during = pending.is_some() || received(receiver) > settled;
+                    return Err(fail(e, during));
+                }
+            };
             match event {
                 Event::RoundDone { .. } => {
                     // Until the first checkpoint is applied the primary waits for each round.
@@ -255,12 +265,12 @@ impl Worker {
                         End::lost("a checkpoint completed without its record", true)
                     })?;
                     self.apply(&vm, &cache, &blob, receiver, &regions)?;
-                    arriving = false;
+                    settled = received(receiver);
                 }
                 Event::Abandoned(why) => {
                     self.switch
                         .peer_left(format!("the primary ended protection: {why}"));
-                    return Ok(End::lost(why, arriving));
+                    return Ok(End::lost(why, pending.is_some()));
                 }
             }
         }

@@ -40,6 +40,11 @@ pub struct Cli {
     /// Restore a snapshot instead of booting: source_url=file:///DIR. The VM resumes at once.
     #[arg(long, value_name = "source_url=URL", conflicts_with = "kernel")]
     pub restore: Option<String>,
+    /// COLO protection: role=primary,peer=HOST:PORT[,checkpoint-interval=MS][,channels=N]
+    /// [,heartbeat-interval=MS,heartbeat-timeout=MS] protects the booted VM;
+    /// role=secondary,listen=ADDR:PORT waits for a primary (no --kernel: the VM comes from it).
+    #[arg(long, value_name = "role=...")]
+    pub colo: Option<String>,
     /// HTTP API on a Unix socket: path=FILE. With only this, the VMM waits for vm.create.
     #[arg(long, value_name = "path=FILE")]
     pub api_socket: Option<String>,
@@ -89,15 +94,33 @@ impl Cli {
             })
     }
 
+    /// The `--colo` setting, validated.
+    pub fn colo_config(&self) -> Result<Option<api::ColoConfig>, ConfigError> {
+        self.colo.as_deref().map(api::ColoConfig::parse).transpose()
+    }
+
     /// Validates the options into a VM configuration; `None` when no kernel is given but an
-    /// API socket is (the VM will come from `vm.create`).
+    /// API socket is (the VM will come from `vm.create`), or for a COLO secondary (its VM
+    /// comes from the primary).
     pub fn vm_config(&self) -> Result<Option<VmConfig>, ConfigError> {
+        let secondary = self
+            .colo_config()?
+            .is_some_and(|c| c.role == api::ColoRole::Secondary);
         let Some(kernel) = self.kernel.clone() else {
             return match (&self.api_socket, &self.restore) {
+                _ if secondary => Ok(None),
                 (Some(_), _) | (_, Some(_)) => Ok(None),
                 (None, None) => Err(ConfigError::MissingKernel),
             };
         };
+        if secondary {
+            return Err(ConfigError::InvalidValue {
+                option: "colo",
+                key: "role",
+                value: "secondary".into(),
+                why: "a secondary takes its VM from the primary: drop --kernel".into(),
+            });
+        }
         Ok(Some(VmConfig {
             payload: PayloadConfig {
                 kernel,
@@ -179,6 +202,35 @@ mod tests {
         assert_eq!(c.disks.len(), 3);
         assert!(c.disks[1].readonly);
         assert_eq!(c.nets.len(), 1);
+    }
+
+    #[test]
+    fn colo_roles() {
+        let cli = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("colovmm").chain(args.iter().copied())).unwrap()
+        };
+        let secondary = cli(&["--colo", "role=secondary,listen=0.0.0.0:9000"]);
+        assert_eq!(secondary.vm_config(), Ok(None), "no kernel needed");
+        assert!(cli(&[
+            "--kernel",
+            "/k",
+            "--colo",
+            "role=secondary,listen=0.0.0.0:9000"
+        ])
+        .vm_config()
+        .is_err());
+        let primary = cli(&[
+            "--kernel",
+            "/k",
+            "--colo",
+            "role=primary,peer=h:1,channels=4",
+        ]);
+        let c = primary.colo_config().unwrap().unwrap();
+        assert_eq!(c.channel_count(), 4);
+        assert!(primary.vm_config().unwrap().is_some());
+        assert!(cli(&["--kernel", "/k", "--colo", "role=primary"])
+            .colo_config()
+            .is_err());
     }
 
     #[test]

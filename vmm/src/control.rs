@@ -26,15 +26,19 @@ pub enum VmmExit {
 
 /// The VMM: at most one VM, its console, and the API's receiving end.
 pub struct Vmm {
-    vm: Option<Vm>,
-    console: Option<Console>,
+    pub(crate) vm: Option<Vm>,
+    pub(crate) console: Option<Console>,
     api: Option<ApiReceiver>,
     seccomp: SeccompMode,
-    events: EventMonitor,
+    pub(crate) events: EventMonitor,
     migration: StatusCell,
-    link: LoopLink,
+    pub(crate) link: LoopLink,
     link_rx: std::sync::mpsc::Receiver<WorkerRequest>,
     link_evt: std::sync::Arc<vmm_sys_util::eventfd::EventFd>,
+    /// The current or last COLO protection.
+    pub(crate) colo: Option<colo::Protection>,
+    /// The secondary's own serial setting (the SVM's console is local, not the primary's).
+    pub(crate) local_serial: Option<crate::config::SerialConfig>,
 }
 
 fn api_error(e: &VmError) -> ApiError {
@@ -73,10 +77,12 @@ impl Vmm {
             link,
             link_rx,
             link_evt,
+            colo: None,
+            local_serial: None,
         })
     }
 
-    fn emit(&self, event: &str, properties: serde_json::Value) {
+    pub(crate) fn emit(&self, event: &str, properties: serde_json::Value) {
         self.events.emit("vm", event, properties);
     }
 
@@ -90,7 +96,7 @@ impl Vmm {
         self.build_vm(config, Start::Boot)
     }
 
-    fn build_vm(&mut self, config: &VmConfig, start: Start) -> Result<(), ApiError> {
+    pub(crate) fn build_vm(&mut self, config: &VmConfig, start: Start) -> Result<(), ApiError> {
         if let Some(vm) = &self.vm {
             if vm.state() != VmState::Shutdown {
                 return Err(ApiError::new(
@@ -126,7 +132,7 @@ impl Vmm {
         Ok(())
     }
 
-    fn vm(&mut self) -> Result<&mut Vm, ApiError> {
+    pub(crate) fn vm(&mut self) -> Result<&mut Vm, ApiError> {
         self.vm.as_mut().ok_or_else(no_vm)
     }
 
@@ -158,6 +164,32 @@ impl Vmm {
             ApiRequest::VmRestore(cfg) => done(self.restore_vm(&cfg.source_url)),
             ApiRequest::VmSendMigration(data) => done(self.send_migration(&data)),
             ApiRequest::VmReceiveMigration(data) => done(self.receive_migration(&data)),
+            ApiRequest::VmColoStart(cfg) => done(self.start_colo(&cfg)),
+            ApiRequest::VmColoStatus => self.protection().and_then(|p| {
+                serde_json::to_value(p.status()).map_err(|e| ApiError::from_error(500, &e))
+            }),
+            ApiRequest::VmColoFailover => self
+                .protection()
+                .and_then(|p| p.failover().map_err(|e| ApiError::from_error(409, &e)))
+                .map(|()| serde_json::Value::Null),
+            ApiRequest::VmColoSet(data) => self
+                .protection()
+                .and_then(|p| match data.checkpoint_interval() {
+                    Some(d) => p.set_interval(d).map_err(|e| ApiError::from_error(409, &e)),
+                    None => Ok(()),
+                })
+                .map(|()| serde_json::Value::Null),
+            ApiRequest::VmColoCheckpoint(data) => self
+                .protection()
+                .and_then(|p| {
+                    p.checkpoint(data.pause_after)
+                        .map_err(|e| ApiError::from_error(409, &e))
+                })
+                .map(|()| serde_json::Value::Null),
+            ApiRequest::VmMemoryChecksum => self.vm().and_then(|vm| {
+                serde_json::to_value(crate::colo_host::memory_checksum(vm.memory()))
+                    .map_err(|e| ApiError::from_error(500, &e))
+            }),
             ApiRequest::VmMigrationStatus => self
                 .migration
                 .lock()
@@ -167,7 +199,7 @@ impl Vmm {
         (resp, false)
     }
 
-    fn migration_active(&self) -> bool {
+    pub(crate) fn migration_active(&self) -> bool {
         self.migration
             .lock()
             .is_ok_and(|s| s.phase == api::MigrationPhase::Active)
@@ -322,6 +354,7 @@ impl Vmm {
             WorkerRequest::DestinationDone(Ok(())) => {
                 self.emit("migrated", serde_json::json!({"direction": "in"}));
             }
+            WorkerRequest::Colo(req) => self.handle_colo(req),
             WorkerRequest::DestinationDone(Err(e)) => {
                 log::warn!("incoming migration failed: {e}");
                 if let Some(vm) = self.vm.as_mut() {
@@ -465,7 +498,8 @@ impl Vmm {
                 fds.push(pollfd(vm.exit_event().fd()));
                 fds.push(pollfd(vm.virtio().activation_eventfd()));
             }
-            if self.api.is_none() && !vm_live {
+            let colo_active = self.colo.as_ref().is_some_and(colo::Protection::active);
+            if self.api.is_none() && !vm_live && !colo_active {
                 // No API and no running VM: nothing can ever happen.
                 return VmmExit::Shutdown;
             }

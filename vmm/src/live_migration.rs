@@ -44,6 +44,8 @@ pub enum WorkerRequest {
     Resume(SyncSender<Result<(), String>>),
     /// Destination: finished (Err: the new VM must go).
     DestinationDone(Result<(), String>),
+    /// COLO's requests.
+    Colo(crate::colo_host::ColoRequest),
 }
 
 /// The workers' way to the control loop: a channel plus an eventfd the loop polls.
@@ -68,7 +70,7 @@ impl LoopLink {
         ))
     }
 
-    fn send(&self, req: WorkerRequest) -> Result<(), String> {
+    pub(crate) fn send(&self, req: WorkerRequest) -> Result<(), String> {
         self.tx
             .send(req)
             .map_err(|_| "the control loop is gone".to_string())?;
@@ -77,7 +79,7 @@ impl LoopLink {
             .map_err(|e| format!("waking the control loop: {e}"))
     }
 
-    fn ask<T>(
+    pub(crate) fn ask<T>(
         &self,
         make: impl FnOnce(SyncSender<Result<T, String>>) -> WorkerRequest,
     ) -> Result<T, String> {

@@ -8,6 +8,7 @@ use std::process::ExitCode;
 use api::{EventMonitor, EventMonitorConfig};
 use clap::Parser;
 use vmm::cli::Cli;
+use vmm::config::SerialConfig;
 use vmm::seccomp::{self, ThreadKind};
 use vmm::{VmOutcome, Vmm, VmmExit};
 
@@ -32,6 +33,10 @@ fn run(cli: &Cli) -> ExitCode {
             (Ok(c), Ok(p), Ok(r)) => (c, p, r),
             (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return fail(e),
         };
+    let colo = match (cli.colo_config(), SerialConfig::parse(&cli.serial)) {
+        (Ok(c), Ok(s)) => c.map(|c| (c, s)),
+        (Err(e), _) | (_, Err(e)) => return fail(e),
+    };
     // Every thread created from here on inherits the VMM's filter.
     if let Err(e) = seccomp::apply(ThreadKind::Vmm, cli.seccomp) {
         return fail(e);
@@ -55,7 +60,7 @@ fn run(cli: &Cli) -> ExitCode {
         Ok(v) => v,
         Err(e) => return fail(format_args!("control loop: {e}")),
     };
-    let code = run_vmm(&mut vmm, config, restore);
+    let code = run_vmm(&mut vmm, config, restore, colo);
     vmm.flush_events();
     // The control loop's receiver goes first, so the server's pending calls fail at once.
     drop(vmm);
@@ -67,6 +72,7 @@ fn run_vmm(
     vmm: &mut Vmm,
     config: Option<vmm::config::VmConfig>,
     restore: Option<String>,
+    colo: Option<(api::ColoConfig, SerialConfig)>,
 ) -> ExitCode {
     if let Some(url) = restore {
         if let Err(e) = vmm.restore_vm(&url).and_then(|()| vmm.resume()) {
@@ -76,6 +82,13 @@ fn run_vmm(
     }
     if let Some(config) = config {
         if let Err(e) = vmm.create_vm(&config).and_then(|()| vmm.boot_vm()) {
+            let causes: String = e.causes.iter().map(|c| format!(": {c}")).collect();
+            return fail(format_args!("{}{causes}", e.error));
+        }
+    }
+    if let Some((cfg, serial)) = colo {
+        vmm.set_local_serial(serial);
+        if let Err(e) = vmm.start_colo(&cfg) {
             let causes: String = e.causes.iter().map(|c| format!(": {c}")).collect();
             return fail(format_args!("{}{causes}", e.error));
         }

@@ -5,6 +5,9 @@
 //! value, or an unreadable config file, 3 the server could not be reached or answered
 //! something that is not a reply.
 
+#[path = "colovmm-remote/colo.rs"]
+mod colo;
+
 use std::io::{IsTerminal, Read};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -13,8 +16,9 @@ use std::time::Duration;
 use api::client::{self, ClientError};
 use api::http::{Action, Route};
 use api::{
-    ApiError, MigrationPhase, MigrationStatus, ReceiveMigrationData, SendMigrationData, VmInfo,
-    VmRestoreConfig, VmSnapshotConfig, VmmPingResponse,
+    ApiError, ColoCheckpointData, ColoConfig, ColoSetData, MemoryChecksum, MigrationPhase,
+    MigrationStatus, ReceiveMigrationData, SendMigrationData, VmInfo, VmRestoreConfig,
+    VmSnapshotConfig, VmmPingResponse,
 };
 use clap::{Parser, Subcommand};
 
@@ -101,6 +105,31 @@ enum Command {
     },
     /// Show the progress of the current or last migration (vm.migration-status).
     MigrationStatus,
+    /// Start COLO replication (vm.colo-start).
+    ColoStart {
+        /// `role=primary,peer=HOST:PORT[,...]` or `role=secondary,listen=ADDR:PORT[,...]`,
+        /// the syntax of colovmm's `--colo` (also `checkpoint-interval=MS`, `channels=N`,
+        /// `heartbeat-interval=MS`, `heartbeat-timeout=MS`).
+        spec: String,
+    },
+    /// Show COLO role, state and checkpoint statistics (vm.colo-status).
+    ColoStatus,
+    /// Stop replicating and carry on alone (vm.colo-failover).
+    ColoFailover,
+    /// Change settings of the running COLO pair (vm.colo-set).
+    ColoSet {
+        /// Longest time between checkpoints, 10..=3600000.
+        #[arg(long, value_name = "MS")]
+        checkpoint_interval: Option<u64>,
+    },
+    /// Take a COLO checkpoint now (vm.colo-checkpoint).
+    ColoCheckpoint {
+        /// Leave both VMs paused once it completes (to compare their memory).
+        #[arg(long)]
+        pause_after: bool,
+    },
+    /// CRC-32 over all guest RAM, to compare two VMs (vm.memory-checksum).
+    MemoryChecksum,
 }
 
 impl Command {
@@ -121,6 +150,12 @@ impl Command {
             Command::SendMigration { .. } => Action::VmSendMigration,
             Command::ReceiveMigration { .. } => Action::VmReceiveMigration,
             Command::MigrationStatus => Action::VmMigrationStatus,
+            Command::ColoStart { .. } => Action::VmColoStart,
+            Command::ColoStatus => Action::VmColoStatus,
+            Command::ColoFailover => Action::VmColoFailover,
+            Command::ColoSet { .. } => Action::VmColoSet,
+            Command::ColoCheckpoint { .. } => Action::VmColoCheckpoint,
+            Command::MemoryChecksum => Action::VmMemoryChecksum,
         }
     }
 
@@ -138,9 +173,24 @@ impl Command {
             Command::Restore { url } => format!("VM restored from {url} (paused)"),
             Command::SendMigration { url, .. } => format!("migration to {url} started"),
             Command::ReceiveMigration { url } => format!("waiting for a migration on {url}"),
-            Command::Ping | Command::Info | Command::Counters | Command::MigrationStatus => {
-                "done".into()
+            Command::ColoStart { spec } => colo::started(spec),
+            Command::ColoFailover => "COLO failed over: the VM runs on alone".into(),
+            Command::ColoSet {
+                checkpoint_interval,
+            } => match checkpoint_interval {
+                Some(ms) => format!("COLO checkpoint interval set to {ms} ms"),
+                None => "COLO settings unchanged".into(),
+            },
+            Command::ColoCheckpoint { pause_after: false } => "COLO checkpoint taken".into(),
+            Command::ColoCheckpoint { pause_after: true } => {
+                "COLO checkpoint taken; both VMs stay paused".into()
             }
+            Command::Ping
+            | Command::Info
+            | Command::Counters
+            | Command::MigrationStatus
+            | Command::ColoStatus
+            | Command::MemoryChecksum => "done".into(),
         }
     }
 
@@ -187,6 +237,27 @@ impl Command {
                     receiver_url: url.clone(),
                 };
                 encode(&b, b.validate())
+            }
+            Command::ColoStart { spec } => {
+                let b = ColoConfig::parse(spec).map_err(|e| format!("invalid argument: {e}"))?;
+                encode(&b, b.validate())
+            }
+            Command::ColoSet {
+                checkpoint_interval: None,
+            } => Err("colo-set: nothing to set: give --checkpoint-interval MS".into()),
+            Command::ColoSet {
+                checkpoint_interval,
+            } => {
+                let b = ColoSetData {
+                    checkpoint_interval_ms: *checkpoint_interval,
+                };
+                encode(&b, b.validate())
+            }
+            Command::ColoCheckpoint { pause_after } => {
+                let b = ColoCheckpointData {
+                    pause_after: *pause_after,
+                };
+                encode(&b, Ok(()))
             }
             _ => Ok(None),
         }
@@ -289,6 +360,12 @@ fn human(cmd: &Command, body: &[u8]) -> String {
         Command::MigrationStatus => serde_json::from_slice::<MigrationStatus>(body)
             .ok()
             .map(|s| migration_table(&s)),
+        Command::ColoStatus => serde_json::from_slice(body)
+            .ok()
+            .and_then(|v| colo::status_table(&v)),
+        Command::MemoryChecksum => serde_json::from_slice::<MemoryChecksum>(body)
+            .ok()
+            .map(|c| c.to_string()),
         _ => None,
     };
     // A reply of an unexpected shape is still shown, as pretty JSON.

@@ -1,6 +1,7 @@
 //! A stand-in for the VMM's control loop: a thread that answers each [`ApiRequest`] with
 //! fixed data, so the server can be tested without a VM, plus a simulated migration
-//! ([`simulated_answer`]) whose status moves on at each `vm.migration-status` poll.
+//! ([`simulated_answer`]) whose status moves on at each `vm.migration-status` poll and a
+//! COLO pair that `vm.colo-failover` and `vm.colo-set` change.
 
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -8,8 +9,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 
 use crate::{
-    ApiError, ApiReceiver, ApiRequest, ApiResponse, DeviceInfo, MigrationPhase, MigrationStatus,
-    VmConfig, VmInfo, VmState, VmmPingResponse,
+    ApiError, ApiReceiver, ApiRequest, ApiResponse, DeviceInfo, MemoryChecksum, MigrationPhase,
+    MigrationStatus, VmConfig, VmInfo, VmState, VmmPingResponse,
 };
 
 /// How a fake loop answers.
@@ -86,9 +87,10 @@ fn to_json<T: serde::Serialize>(v: &T) -> ApiResponse {
     serde_json::to_value(v).map_err(|e| ApiError::new(500, format!("fake VMM: {e}")))
 }
 
-/// The fixed answers: ping and info and counters get sample data, `vm.migration-status` an
-/// idle status, `VmCreate` of a kernel named `/conflict` and `VmSnapshot` to
-/// `file:///conflict` get 409, everything else succeeds with no content.
+/// The fixed answers: ping, info, counters, `vm.colo-status` and `vm.memory-checksum` get
+/// sample data, `vm.migration-status` an idle status, `VmCreate` of a kernel named
+/// `/conflict`, `VmSnapshot` to `file:///conflict` and `VmColoStart` with a peer or listen
+/// address on host `conflict` get 409, everything else succeeds with no content.
 pub fn fixed_answer(req: &ApiRequest) -> ApiResponse {
     match req {
         ApiRequest::VmmPing => to_json(&VmmPingResponse {
@@ -98,6 +100,15 @@ pub fn fixed_answer(req: &ApiRequest) -> ApiResponse {
         ApiRequest::VmInfo => to_json(&sample_vm_info()?),
         ApiRequest::VmCounters => Ok(sample_counters()),
         ApiRequest::VmMigrationStatus => to_json(&idle_migration()),
+        ApiRequest::VmColoStatus => Ok(sample_colo_status()),
+        ApiRequest::VmMemoryChecksum => to_json(&SAMPLE_CHECKSUM),
+        ApiRequest::VmColoStart(c) if c.address().is_some_and(|a| a.starts_with("conflict:")) => {
+            Err(ApiError {
+                status: 409,
+                error: "COLO is already running".into(),
+                causes: vec!["started earlier as primary".into()],
+            })
+        }
         ApiRequest::VmCreate(c) if c.payload.kernel.as_os_str() == "/conflict" => Err(ApiError {
             status: 409,
             error: "a VM already exists".into(),
@@ -173,11 +184,34 @@ impl FakeMigration {
 /// [`fixed_answer`] plus a migration that advances one step per `vm.migration-status` poll:
 /// `vm.send-migration` starts it (409 while one is active), the [`FAKE_MIGRATION_POLLS`]th
 /// poll after that sees it completed (or failed, for a destination URL containing `fail`).
+/// The COLO pair of [`sample_colo_status`] takes `vm.colo-set`'s interval, and after
+/// `vm.colo-failover` reports `failed-over` with an exit.
 pub fn simulated_answer() -> Box<Answer> {
     let migration: Mutex<Option<FakeMigration>> = Mutex::new(None);
+    let colo = Mutex::new(sample_colo_status());
     Box::new(move |req| {
         let mut m = migration.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut colo = colo.lock().unwrap_or_else(PoisonError::into_inner);
         match req {
+            ApiRequest::VmColoStatus => Ok(colo.clone()),
+            ApiRequest::VmColoSet(d) => {
+                if let Some(ms) = d.checkpoint_interval_ms {
+                    colo["checkpoint_interval_ms"] = ms.into();
+                }
+                Ok(serde_json::Value::Null)
+            }
+            ApiRequest::VmColoFailover if colo["state"] == "failed-over" => {
+                Err(ApiError::new(409, "COLO has already failed over"))
+            }
+            ApiRequest::VmColoFailover => {
+                colo["state"] = "failed-over".into();
+                colo["exit"] = serde_json::json!({
+                    "reason": "failover requested",
+                    "during_checkpoint": false,
+                    "after_checkpoints": colo["checkpoints"].clone(),
+                });
+                Ok(serde_json::Value::Null)
+            }
             ApiRequest::VmSendMigration(_)
                 if m.as_ref()
                     .is_some_and(|m| matches!(m.status().phase, MigrationPhase::Active)) =>
@@ -239,5 +273,38 @@ pub fn sample_counters() -> serde_json::Value {
     serde_json::json!({
         "root": {"read_bytes": 4096, "write_bytes": 0, "read_ops": 1, "write_ops": 0},
         "net0": {"rx_bytes": 1500, "tx_bytes": 60, "rx_frames": 1, "tx_frames": 1}
+    })
+}
+
+/// What the fake `vm.memory-checksum` answers.
+pub const SAMPLE_CHECKSUM: MemoryChecksum = MemoryChecksum {
+    crc32: 0x1234_abcd,
+    bytes: FAKE_RAM,
+};
+
+/// A plausible `vm.colo-status` of a protected primary (the spec's `ColoStatus`, every
+/// field present).
+pub fn sample_colo_status() -> serde_json::Value {
+    serde_json::json!({
+        "role": "primary",
+        "state": "protected",
+        "peer": "10.0.0.2:9000",
+        "checkpoint_interval_ms": 500,
+        "channels": 2,
+        "checkpoints": 42,
+        "last_reason": "divergence",
+        "reasons": {"initial": 1, "interval": 30, "request": 1, "divergence": 10},
+        "pause_ms": {"last": 12.5, "mean": 10.25, "p99": 25.0, "max": 31.0},
+        "last_checkpoint": {
+            "seq": 42,
+            "bytes": 3_276_800u64,
+            "pages": 800,
+            "phases_ms": {"pause": 0.5, "dirty_log": 1.5, "send": 8.0, "ack": 2.5}
+        },
+        "mean_bytes": 4_404_019u64,
+        "mean_pages": 1075,
+        "phases_mean_ms": {"pause": 0.4, "dirty_log": 1.2, "send": 6.8, "ack": 1.85},
+        "exit": null,
+        "heartbeat": {"interval_ms": 100, "timeout_ms": 1000, "last_seen_ms_ago": 20.0}
     })
 }

@@ -1,11 +1,12 @@
 //! Hostile and malformed requests, each with the reply it must get.
 //!
 //! No case ever changes the VMM's state: a candidate that the server would turn into a
-//! `PUT` for the control loop (say, a mutation that happens to spell a valid `vm.pause`, or
-//! a `vm.snapshot` / `vm.send-migration` body that parses and validates) is thrown away,
-//! using the server's own parser, route table and body checks to decide. So the generator
-//! is safe to fire at a colovmm running a real guest: at worst it reads `vm.info`,
-//! `vm.counters` or `vm.migration-status`.
+//! `PUT` for the control loop (say, a mutation that happens to spell a valid `vm.pause`, a
+//! `vm.snapshot` / `vm.send-migration` / `vm.colo-start` body that parses and validates, or
+//! a `vm.colo-checkpoint` with an empty body) is thrown away, using the server's own parser,
+//! route table and body checks to decide. So the generator is safe to fire at a colovmm
+//! running a real guest: at worst it reads `vm.info`, `vm.counters`, `vm.migration-status`,
+//! `vm.colo-status` or `vm.memory-checksum`.
 //!
 //! Expected statuses assume the server's default [`Limits`](crate::http::Limits).
 
@@ -148,8 +149,9 @@ const BAD_BODIES: &[&[u8]] = &[
     br#"{"payload":{"kernel":"/k"}} {"payload":{"kernel":"/k"}}"#,
 ];
 const VALID_CONFIG: &[u8] = br#"{"payload":{"kernel":"/k","cmdline":"console=ttyS0"}}"#;
-/// Refused bodies for the snapshot and migration routes: each is bad for every one of them
-/// (wrong or unknown field, bad URL scheme, out-of-range number, not an object).
+/// Refused bodies for the snapshot, migration and COLO routes: each is bad for every one of
+/// them (wrong or unknown field, bad URL scheme, out-of-range number, not an object), except
+/// `""` and `{}`, which `vm.colo-checkpoint` (its body is optional) takes.
 const BAD_STATE_BODIES: &[&[u8]] = &[
     b"",
     b"{",
@@ -173,6 +175,21 @@ const BAD_STATE_BODIES: &[&[u8]] = &[
     br#"{"destination_url":"file:///s","bogus":1}"#,
     br#"{"source_url":"file:///s","source_url":"file:///t"}"#,
     b"{\"destination_url\":\"file:///s\0\"}",
+    br#"{"role":"primary"}"#,
+    br#"{"role":"primary","peer":"10.0.0.2:0"}"#,
+    br#"{"role":"primary","peer":"10.0.0.2:9000","listen":"0.0.0.0:9000"}"#,
+    br#"{"role":"secondary","peer":"10.0.0.2:9000"}"#,
+    br#"{"role":"secondary","listen":"tcp:0.0.0.0:9000"}"#,
+    br#"{"role":"observer","listen":"0.0.0.0:9000"}"#,
+    br#"{"role":"primary","peer":"h:1","channels":17}"#,
+    br#"{"role":"primary","peer":"h:1","checkpoint_interval_ms":9}"#,
+    br#"{"role":"primary","peer":"h:1","heartbeat_interval_ms":600}"#,
+    br#"{"role":"primary","peer":"h:1","heartbeat_timeout_ms":60001}"#,
+    br#"{"checkpoint_interval_ms":null}"#,
+    br#"{"checkpoint_interval_ms":3600001}"#,
+    br#"{"checkpoint_interval_ms":-5}"#,
+    br#"{"pause_after":1}"#,
+    br#"{"pause_after":true,"bogus":1}"#,
 ];
 /// Valid snapshot and migration requests (mutation templates only: never sent as such).
 const STATE_TEMPLATES: &[(&str, &[u8])] = &[
@@ -192,6 +209,16 @@ const STATE_TEMPLATES: &[(&str, &[u8])] = &[
         "/api/v1/vm.receive-migration",
         br#"{"receiver_url":"unix:/run/m.sock"}"#,
     ),
+    (
+        "/api/v1/vm.colo-start",
+        br#"{"role":"primary","peer":"10.0.0.2:9000","checkpoint_interval_ms":500,"channels":2}"#,
+    ),
+    (
+        "/api/v1/vm.colo-start",
+        br#"{"role":"secondary","listen":"[::]:9000"}"#,
+    ),
+    ("/api/v1/vm.colo-set", br#"{"checkpoint_interval_ms":250}"#),
+    ("/api/v1/vm.colo-checkpoint", br#"{"pause_after":true}"#),
 ];
 
 /// Builds a request with a `Content-Length` matching `body` (when non-empty).
@@ -226,11 +253,18 @@ fn body_route(rng: &mut Rng) -> &'static routes::Route {
 
 /// A body `route` refuses with a 400.
 fn bad_body_for(rng: &mut Rng, route: &routes::Route) -> Vec<u8> {
-    if route.action == Action::VmCreate || rng.chance(25) {
-        bad_body(rng)
-    } else {
-        rng.pick(BAD_STATE_BODIES).copied().unwrap_or(b"{").to_vec()
+    for _ in 0..100 {
+        let body = if route.action == Action::VmCreate || rng.chance(25) {
+            bad_body(rng)
+        } else {
+            rng.pick(BAD_STATE_BODIES).copied().unwrap_or(b"{").to_vec()
+        };
+        // `vm.colo-checkpoint` takes an empty body, and `{}`.
+        if route.action.request(&body).is_err() {
+            return body;
+        }
     }
+    b"{".to_vec()
 }
 
 fn read_only_path(rng: &mut Rng) -> &'static str {
@@ -534,6 +568,10 @@ mod tests {
     use super::super::quote;
     use super::*;
 
+    /// Bodies from [`BAD_STATE_BODIES`] that `vm.colo-checkpoint`, whose body is optional,
+    /// takes.
+    const OPTIONAL_BODY_ACCEPTS: &[&[u8]] = &[b"", b"{}"];
+
     #[test]
     fn never_changes_state() {
         let mut rng = Rng::new(1);
@@ -550,8 +588,10 @@ mod tests {
     fn bad_state_bodies_are_refused_everywhere() {
         for r in ROUTES.iter().filter(|r| r.action.body().is_some()) {
             for body in BAD_STATE_BODIES {
-                assert!(
-                    r.action.request(body).is_err(),
+                let accepted = !r.action.body_required() && OPTIONAL_BODY_ACCEPTS.contains(body);
+                assert_eq!(
+                    r.action.request(body).is_ok(),
+                    accepted,
                     "{} {}",
                     r.path,
                     quote(body)
@@ -579,8 +619,29 @@ mod tests {
         assert!(!changes_state(&req("PUT", "/api/v1/vm.create", &[], b"{")));
         for (path, body) in STATE_TEMPLATES {
             assert!(changes_state(&req("PUT", path, &[], body)), "{path}");
-            assert!(!changes_state(&req("PUT", path, &[], b"{}")), "{path}");
+            let optional = routes::find(path).is_some_and(|r| !r.action.body_required());
+            assert_eq!(
+                changes_state(&req("PUT", path, &[], b"{}")),
+                optional,
+                "{path}"
+            );
         }
+        for put in ["vm.colo-failover", "vm.colo-checkpoint"] {
+            let bytes = format!("PUT /api/v1/{put} HTTP/1.1\r\n\r\n");
+            assert!(changes_state(bytes.as_bytes()), "{put}");
+        }
+        assert!(!changes_state(&req(
+            "PUT",
+            "/api/v1/vm.colo-start",
+            &[],
+            br#"{"role":"primary","peer":"10.0.0.2:9000","listen":"0.0.0.0:1"}"#
+        )));
+        assert!(!changes_state(
+            b"GET /api/v1/vm.colo-status HTTP/1.1\r\n\r\n"
+        ));
+        assert!(!changes_state(
+            b"GET /api/v1/vm.memory-checksum HTTP/1.1\r\n\r\n"
+        ));
         assert!(!changes_state(&req(
             "PUT",
             "/api/v1/vm.send-migration",

@@ -8,8 +8,8 @@ use serde::de::DeserializeOwned;
 use super::validate::ValidationError;
 use crate::config::ConfigError;
 use crate::{
-    ApiError, ApiRequest, ReceiveMigrationData, SendMigrationData, VmConfig, VmRestoreConfig,
-    VmSnapshotConfig,
+    ApiError, ApiRequest, ColoCheckpointData, ColoConfig, ColoSetData, ReceiveMigrationData,
+    SendMigrationData, VmConfig, VmRestoreConfig, VmSnapshotConfig,
 };
 
 /// Every route lives under this prefix (Cloud Hypervisor's).
@@ -67,6 +67,18 @@ pub enum Action {
     VmReceiveMigration,
     /// `vm.migration-status`.
     VmMigrationStatus,
+    /// `vm.colo-start` (the body is a [`ColoConfig`]).
+    VmColoStart,
+    /// `vm.colo-status`.
+    VmColoStatus,
+    /// `vm.colo-failover`.
+    VmColoFailover,
+    /// `vm.colo-set` (the body is a [`ColoSetData`]).
+    VmColoSet,
+    /// `vm.colo-checkpoint` (the body, optional, is a [`ColoCheckpointData`]).
+    VmColoCheckpoint,
+    /// `vm.memory-checksum`.
+    VmMemoryChecksum,
 }
 
 /// One endpoint.
@@ -157,6 +169,36 @@ pub const ROUTES: &[Route] = &[
         method: Method::Get,
         action: Action::VmMigrationStatus,
     },
+    Route {
+        path: "/api/v1/vm.colo-start",
+        method: Method::Put,
+        action: Action::VmColoStart,
+    },
+    Route {
+        path: "/api/v1/vm.colo-status",
+        method: Method::Get,
+        action: Action::VmColoStatus,
+    },
+    Route {
+        path: "/api/v1/vm.colo-failover",
+        method: Method::Put,
+        action: Action::VmColoFailover,
+    },
+    Route {
+        path: "/api/v1/vm.colo-set",
+        method: Method::Put,
+        action: Action::VmColoSet,
+    },
+    Route {
+        path: "/api/v1/vm.colo-checkpoint",
+        method: Method::Put,
+        action: Action::VmColoCheckpoint,
+    },
+    Route {
+        path: "/api/v1/vm.memory-checksum",
+        method: Method::Get,
+        action: Action::VmMemoryChecksum,
+    },
 ];
 
 /// Why a request body was refused (always a 400).
@@ -174,7 +216,8 @@ pub enum BodyError {
     /// Well-formed but refused by `VmConfig::validate()`.
     #[error("invalid VmConfig: {0}")]
     Invalid(#[from] ConfigError),
-    /// A snapshot or migration body refused by its `validate()` (see [`super::validate`]).
+    /// A snapshot, migration or COLO body refused by its `validate()` (see [`super::validate`]
+    /// and [`crate::colo`]).
     #[error("invalid {what}: {source}")]
     Rejected {
         /// The body type ([`Action::body`]).
@@ -185,12 +228,20 @@ pub enum BodyError {
     },
 }
 
-/// Parses `body` as the `what` body type, then runs its `check`.
+/// Parses `body` as the `what` body type, a JSON object, then runs its `check`.
 fn parse_body<T: DeserializeOwned>(
     what: &'static str,
     body: &[u8],
     check: fn(&T) -> Result<(), ValidationError>,
 ) -> Result<T, BodyError> {
+    // serde also reads a struct from an array of its fields in order: `[]` would pass for a
+    // body whose fields all have defaults.
+    if body.trim_ascii_start().first() == Some(&b'[') {
+        return Err(BodyError::Json {
+            what,
+            source: serde::de::Error::custom("expected a JSON object, not an array"),
+        });
+    }
     let value: T =
         serde_json::from_slice(body).map_err(|source| BodyError::Json { what, source })?;
     check(&value).map_err(|source| BodyError::Rejected { what, source })?;
@@ -222,6 +273,9 @@ impl Action {
             Action::VmRestore => Some("VmRestoreConfig"),
             Action::VmSendMigration => Some("SendMigrationData"),
             Action::VmReceiveMigration => Some("ReceiveMigrationData"),
+            Action::VmColoStart => Some("ColoConfig"),
+            Action::VmColoSet => Some("ColoSetData"),
+            Action::VmColoCheckpoint => Some("ColoCheckpointData"),
             Action::VmmPing
             | Action::VmmShutdown
             | Action::VmBoot
@@ -231,8 +285,17 @@ impl Action {
             | Action::VmReboot
             | Action::VmInfo
             | Action::VmCounters
-            | Action::VmMigrationStatus => None,
+            | Action::VmMigrationStatus
+            | Action::VmColoStatus
+            | Action::VmColoFailover
+            | Action::VmMemoryChecksum => None,
         }
+    }
+
+    /// Whether the route refuses a request without a body; `vm.colo-checkpoint` takes an
+    /// empty one as the defaults.
+    pub fn body_required(self) -> bool {
+        self.body().is_some() && self != Action::VmColoCheckpoint
     }
 
     /// Builds the control-loop request, parsing and validating `body` where the route takes one.
@@ -277,6 +340,21 @@ impl Action {
                 ReceiveMigrationData::validate,
             )?),
             Action::VmMigrationStatus => ApiRequest::VmMigrationStatus,
+            Action::VmColoStart => {
+                ApiRequest::VmColoStart(parse_body("ColoConfig", body, ColoConfig::validate)?)
+            }
+            Action::VmColoStatus => ApiRequest::VmColoStatus,
+            Action::VmColoFailover => ApiRequest::VmColoFailover,
+            Action::VmColoSet => {
+                ApiRequest::VmColoSet(parse_body("ColoSetData", body, ColoSetData::validate)?)
+            }
+            Action::VmColoCheckpoint if body.iter().all(u8::is_ascii_whitespace) => {
+                ApiRequest::VmColoCheckpoint(ColoCheckpointData::default())
+            }
+            Action::VmColoCheckpoint => {
+                ApiRequest::VmColoCheckpoint(parse_body("ColoCheckpointData", body, |_| Ok(()))?)
+            }
+            Action::VmMemoryChecksum => ApiRequest::VmMemoryChecksum,
         })
     }
 }
@@ -362,7 +440,12 @@ mod tests {
                     assert_eq!(r.method, Method::Put, "{}", r.path);
                     let e = r.action.request(b"{").unwrap_err().to_string();
                     assert!(e.starts_with(&format!("invalid {what} JSON")), "{e}");
-                    assert!(r.action.request(b"").is_err(), "{}", r.path);
+                    assert_eq!(
+                        r.action.request(b"").is_err(),
+                        r.action.body_required(),
+                        "{}",
+                        r.path
+                    );
                 }
                 None => assert!(r.action.request(b"{").is_ok(), "{}", r.path),
             }
@@ -467,5 +550,166 @@ mod tests {
             e.starts_with("invalid ReceiveMigrationData: receiver_url"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn colo_routes_and_bodies() {
+        let ok = |a: Action, body: &str| {
+            a.request(body.as_bytes())
+                .unwrap_or_else(|e| panic!("{body}: {e}"))
+        };
+        let refused = |a: Action, body: &str| {
+            a.request(body.as_bytes())
+                .map(|r| panic!("{body} accepted as {r:?}"))
+                .unwrap_err()
+                .to_string()
+        };
+        for (path, method, action) in [
+            ("vm.colo-start", Method::Put, Action::VmColoStart),
+            ("vm.colo-status", Method::Get, Action::VmColoStatus),
+            ("vm.colo-failover", Method::Put, Action::VmColoFailover),
+            ("vm.colo-set", Method::Put, Action::VmColoSet),
+            ("vm.colo-checkpoint", Method::Put, Action::VmColoCheckpoint),
+            ("vm.memory-checksum", Method::Get, Action::VmMemoryChecksum),
+        ] {
+            let r = find(&format!("{API_PREFIX}/{path}")).unwrap();
+            assert_eq!((r.method, r.action), (method, action), "{path}");
+        }
+
+        assert_eq!(
+            ok(
+                Action::VmColoStart,
+                r#"{"role":"primary","peer":"10.0.0.2:9000","checkpoint_interval_ms":600}"#
+            ),
+            ApiRequest::VmColoStart(ColoConfig {
+                role: crate::ColoRole::Primary,
+                peer: Some("10.0.0.2:9000".into()),
+                listen: None,
+                checkpoint_interval_ms: Some(600),
+                channels: None,
+                heartbeat_interval_ms: None,
+                heartbeat_timeout_ms: None,
+            })
+        );
+        assert!(matches!(
+            ok(
+                Action::VmColoStart,
+                r#"{"role":"secondary","listen":"[::]:9000","channels":null}"#
+            ),
+            ApiRequest::VmColoStart(ColoConfig { channels: None, .. })
+        ));
+        assert_eq!(ok(Action::VmColoStatus, "x"), ApiRequest::VmColoStatus);
+        assert_eq!(ok(Action::VmColoFailover, ""), ApiRequest::VmColoFailover);
+        assert_eq!(
+            ok(Action::VmMemoryChecksum, ""),
+            ApiRequest::VmMemoryChecksum
+        );
+        assert_eq!(
+            ok(Action::VmColoSet, r#"{"checkpoint_interval_ms":250}"#),
+            ApiRequest::VmColoSet(ColoSetData {
+                checkpoint_interval_ms: Some(250)
+            })
+        );
+        let default = ApiRequest::VmColoCheckpoint(ColoCheckpointData::default());
+        for empty in ["", " \r\n", "{}", r#"{"pause_after":false}"#] {
+            assert_eq!(ok(Action::VmColoCheckpoint, empty), default, "{empty:?}");
+        }
+        assert_eq!(
+            ok(Action::VmColoCheckpoint, r#"{"pause_after":true}"#),
+            ApiRequest::VmColoCheckpoint(ColoCheckpointData { pause_after: true })
+        );
+
+        for (action, body, want) in [
+            (Action::VmColoStart, "", "invalid ColoConfig JSON"),
+            (
+                Action::VmColoStart,
+                r#"{"peer":"h:1"}"#,
+                "invalid ColoConfig JSON: missing field `role`",
+            ),
+            (
+                Action::VmColoStart,
+                r#"{"role":"primary","peer":"h:1","bogus":1}"#,
+                "invalid ColoConfig JSON: unknown field `bogus`",
+            ),
+            (
+                Action::VmColoStart,
+                r#"{"role":"leader","peer":"h:1"}"#,
+                "invalid ColoConfig JSON: unknown variant `leader`",
+            ),
+            (
+                Action::VmColoStart,
+                r#"{"role":"primary"}"#,
+                "invalid ColoConfig: peer: required with role primary",
+            ),
+            (
+                Action::VmColoStart,
+                r#"{"role":"secondary","listen":"h:1","peer":"h:2"}"#,
+                "invalid ColoConfig: peer: not allowed with role secondary",
+            ),
+            (
+                Action::VmColoStart,
+                r#"{"role":"primary","peer":"tcp:h:1"}"#,
+                r#"invalid ColoConfig: peer "tcp:h:1": expected HOST:PORT, without a scheme"#,
+            ),
+            (
+                Action::VmColoStart,
+                r#"{"role":"primary","peer":"h:1","channels":17}"#,
+                "invalid ColoConfig: channels 17 is out of range 1..=16",
+            ),
+            (
+                Action::VmColoStart,
+                r#"{"role":"primary","peer":"h:1","heartbeat_timeout_ms":100}"#,
+                "invalid ColoConfig: heartbeat_timeout_ms: 100 ms is less than twice",
+            ),
+            (Action::VmColoSet, "", "invalid ColoSetData JSON"),
+            (
+                Action::VmColoSet,
+                "{}",
+                "invalid ColoSetData: nothing to set: give at least one of checkpoint_interval_ms",
+            ),
+            (
+                Action::VmColoSet,
+                r#"{"checkpoint_interval_ms":null}"#,
+                "invalid ColoSetData: nothing to set",
+            ),
+            (
+                Action::VmColoSet,
+                r#"{"checkpoint_interval_ms":9}"#,
+                "invalid ColoSetData: checkpoint_interval_ms 9 is out of range 10..=3600000",
+            ),
+            (
+                Action::VmColoSet,
+                r#"{"channels":2}"#,
+                "invalid ColoSetData JSON: unknown field `channels`",
+            ),
+            (
+                Action::VmColoCheckpoint,
+                r#"{"pause":true}"#,
+                "invalid ColoCheckpointData JSON: unknown field `pause`",
+            ),
+            (
+                Action::VmColoCheckpoint,
+                r#"{"pause_after":"yes"}"#,
+                "invalid ColoCheckpointData JSON: invalid type",
+            ),
+            (
+                Action::VmColoCheckpoint,
+                "null",
+                "invalid ColoCheckpointData JSON",
+            ),
+            (
+                Action::VmColoCheckpoint,
+                " [true]",
+                "invalid ColoCheckpointData JSON: expected a JSON object, not an array",
+            ),
+            (
+                Action::VmColoStart,
+                r#"["primary","h:1"]"#,
+                "invalid ColoConfig JSON: expected a JSON object",
+            ),
+        ] {
+            let e = refused(action, body);
+            assert!(e.starts_with(want), "{body}: {e}");
+        }
     }
 }

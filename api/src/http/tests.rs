@@ -330,6 +330,145 @@ fn bad_snapshot_and_migration_bodies_are_400_and_never_reach_the_loop() {
 }
 
 #[test]
+fn colo_routes_reach_the_loop_and_bad_bodies_do_not() {
+    let h = harness_with("colo", HttpOptions::default(), Some(simulated_answer()));
+    let cases: &[(&str, &str, &str)] = &[
+        ("vm.colo-start", "", "invalid ColoConfig JSON"),
+        (
+            "vm.colo-start",
+            r#"{"role":"primary","peer":"h:1","mode":"fast"}"#,
+            "invalid ColoConfig JSON: unknown field `mode`",
+        ),
+        (
+            "vm.colo-start",
+            r#"{"role":"secondary"}"#,
+            "invalid ColoConfig: listen: required with role secondary",
+        ),
+        (
+            "vm.colo-start",
+            r#"{"role":"primary","peer":"[::1]:99999"}"#,
+            r#"invalid ColoConfig: peer "[::1]:99999": the port "99999" is not a number in 1..=65535"#,
+        ),
+        (
+            "vm.colo-start",
+            r#"{"role":"primary","peer":"h:1","heartbeat_interval_ms":5}"#,
+            "invalid ColoConfig: heartbeat_interval_ms 5 is out of range 10..=10000",
+        ),
+        (
+            "vm.colo-set",
+            "{}",
+            "invalid ColoSetData: nothing to set: give at least one of checkpoint_interval_ms",
+        ),
+        (
+            "vm.colo-set",
+            r#"{"checkpoint_interval_ms":0}"#,
+            "invalid ColoSetData: checkpoint_interval_ms 0 is out of range 10..=3600000",
+        ),
+        (
+            "vm.colo-checkpoint",
+            r#"{"pause_after":"yes"}"#,
+            "invalid ColoCheckpointData JSON: invalid type",
+        ),
+        (
+            "vm.colo-checkpoint",
+            "[]",
+            "invalid ColoCheckpointData JSON: expected a JSON object",
+        ),
+    ];
+    for (ep, body, want) in cases {
+        let r = h.call("PUT", &format!("/api/v1/{ep}"), Some(body));
+        assert_eq!(r.status, 400, "{ep} {body}: {}", r.json);
+        assert!(error_of(&r).starts_with(want), "{ep} {body}: {}", r.json);
+    }
+    let r = h.call("GET", "/api/v1/vm.colo-failover", None);
+    assert_eq!((r.status, r.header("allow")), (405, Some("PUT")));
+    let r = h.call("PUT", "/api/v1/vm.memory-checksum", None);
+    assert_eq!((r.status, r.header("allow")), (405, Some("GET")));
+    assert!(h.seen().is_empty(), "{:?}", h.seen());
+
+    let start = r#"{"role":"primary","peer":"10.0.0.2:9000","channels":4}"#;
+    assert_eq!(
+        h.call("PUT", "/api/v1/vm.colo-start", Some(start)).status,
+        204
+    );
+    let conflict = r#"{"role":"secondary","listen":"conflict:9000"}"#;
+    let r = h.call("PUT", "/api/v1/vm.colo-start", Some(conflict));
+    assert_eq!(
+        (r.status, error_of(&r).as_str()),
+        (409, "COLO is already running")
+    );
+    // No body at all (no Content-Length), an empty one, and an explicit one.
+    assert_eq!(
+        h.call("PUT", "/api/v1/vm.colo-checkpoint", None).status,
+        204
+    );
+    assert_eq!(
+        h.call("PUT", "/api/v1/vm.colo-checkpoint", Some("")).status,
+        204
+    );
+    let paused = r#"{"pause_after":true}"#;
+    assert_eq!(
+        h.call("PUT", "/api/v1/vm.colo-checkpoint", Some(paused))
+            .status,
+        204
+    );
+    let set = r#"{"checkpoint_interval_ms":250}"#;
+    assert_eq!(h.call("PUT", "/api/v1/vm.colo-set", Some(set)).status, 204);
+    let r = h.call("GET", "/api/v1/vm.colo-status", None);
+    assert_eq!(r.status, 200, "{}", r.json);
+    assert_eq!(
+        (
+            r.json["state"].as_str(),
+            r.json["checkpoint_interval_ms"].as_u64()
+        ),
+        (Some("protected"), Some(250))
+    );
+    let r = h.call("GET", "/api/v1/vm.memory-checksum", None);
+    assert_eq!(r.status, 200);
+    let sum: crate::MemoryChecksum = serde_json::from_value(r.json).unwrap();
+    assert_eq!(sum, crate::fuzz::fake_vmm::SAMPLE_CHECKSUM);
+    assert_eq!(h.call("PUT", "/api/v1/vm.colo-failover", None).status, 204);
+    assert_eq!(h.call("PUT", "/api/v1/vm.colo-failover", None).status, 409);
+    let r = h.call("GET", "/api/v1/vm.colo-status", None);
+    assert_eq!(r.json["state"], "failed-over");
+    assert_eq!(r.json["exit"]["after_checkpoints"], 42);
+
+    let seen = h.seen();
+    assert!(matches!(
+        &seen[0],
+        ApiRequest::VmColoStart(c) if c.channel_count() == 4 && c.peer.as_deref() == Some("10.0.0.2:9000")
+    ));
+    let default = crate::ColoCheckpointData::default();
+    assert_eq!(seen[2], ApiRequest::VmColoCheckpoint(default.clone()));
+    assert_eq!(seen[3], ApiRequest::VmColoCheckpoint(default));
+    assert_eq!(
+        seen[4],
+        ApiRequest::VmColoCheckpoint(crate::ColoCheckpointData { pause_after: true })
+    );
+    assert_eq!(
+        seen.iter().map(std::mem::discriminant).collect::<Vec<_>>(),
+        [
+            ApiRequest::VmColoStart(crate::ColoConfig::parse("role=primary,peer=h:1").unwrap()),
+            ApiRequest::VmColoStart(crate::ColoConfig::parse("role=primary,peer=h:1").unwrap()),
+            ApiRequest::VmColoCheckpoint(crate::ColoCheckpointData::default()),
+            ApiRequest::VmColoCheckpoint(crate::ColoCheckpointData::default()),
+            ApiRequest::VmColoCheckpoint(crate::ColoCheckpointData::default()),
+            ApiRequest::VmColoSet(crate::ColoSetData {
+                checkpoint_interval_ms: None
+            }),
+            ApiRequest::VmColoStatus,
+            ApiRequest::VmMemoryChecksum,
+            ApiRequest::VmColoFailover,
+            ApiRequest::VmColoFailover,
+            ApiRequest::VmColoStatus,
+        ]
+        .iter()
+        .map(std::mem::discriminant)
+        .collect::<Vec<_>>()
+    );
+}
+
+#[test]
 fn a_simulated_migration_runs_to_its_end() {
     let h = harness_with("migrate", HttpOptions::default(), Some(simulated_answer()));
     let status = |h: &Harness| -> MigrationStatus {

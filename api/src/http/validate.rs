@@ -9,6 +9,8 @@
 //!   address or a bracketed IPv6 address; PORT 1..=65535) or `unix:PATH` (absolute, at most
 //!   107 bytes, the `sun_path` limit, no NUL).
 //! - `downtime_ms` 1..=60000 (default 300), `channels` 1..=16 (default 1).
+//!
+//! The COLO bodies' rules are in [`crate::colo`], which uses the helpers here.
 
 use std::fmt;
 use std::net::{Ipv4Addr, Ipv6Addr};
@@ -57,9 +59,23 @@ pub enum ValidationError {
         /// Largest accepted.
         max: u64,
     },
+    /// A field missing, not allowed, or inconsistent with another (COLO bodies).
+    #[error("{field}: {why}")]
+    Field {
+        /// The body field.
+        field: &'static str,
+        /// What is wrong and what is expected.
+        why: String,
+    },
+    /// A body that sets nothing.
+    #[error("nothing to set: give at least one of {fields}")]
+    NothingToSet {
+        /// The fields the body may carry.
+        fields: &'static str,
+    },
 }
 
-fn url_error(field: &'static str, url: &str, why: impl Into<String>) -> ValidationError {
+pub(crate) fn url_error(field: &'static str, url: &str, why: impl Into<String>) -> ValidationError {
     let mut shown: String = url.chars().take(ECHO_MAX).collect();
     if shown.len() < url.len() {
         shown.push_str("...");
@@ -71,7 +87,7 @@ fn url_error(field: &'static str, url: &str, why: impl Into<String>) -> Validati
     }
 }
 
-fn in_range<T: Copy + PartialOrd + Into<u64>>(
+pub(crate) fn in_range<T: Copy + PartialOrd + Into<u64>>(
     field: &'static str,
     value: Option<T>,
     range: &RangeInclusive<T>,
@@ -171,8 +187,16 @@ fn parse_tcp(rest: &str) -> Result<MigrationUrl, String> {
     if rest.starts_with("//") {
         return Err("expected tcp:HOST:PORT, without // after tcp:".into());
     }
-    let Some((host, port)) = rest.rsplit_once(':') else {
-        return Err("expected tcp:HOST:PORT; the :PORT is missing".into());
+    let (host, port) = parse_host_port(rest, "tcp:")?;
+    Ok(MigrationUrl::Tcp { host, port })
+}
+
+/// Splits `HOST:PORT` (HOST a name, an IPv4 address or a bracketed IPv6 address; PORT
+/// 1..=65535) into the host, without brackets, and the port. `scheme` (`"tcp:"` or `""`)
+/// prefixes the expected shape in the messages.
+pub(crate) fn parse_host_port(s: &str, scheme: &str) -> Result<(String, u16), String> {
+    let Some((host, port)) = s.rsplit_once(':') else {
+        return Err(format!("expected {scheme}HOST:PORT; the :PORT is missing"));
     };
     let port = match port.parse::<u16>() {
         Ok(p) if p > 0 => p,
@@ -184,12 +208,14 @@ fn parse_tcp(rest: &str) -> Result<MigrationUrl, String> {
             .map_err(|_| format!("[{inner}] is not an IPv6 address"))?;
         inner
     } else if host.contains(':') {
-        return Err("an IPv6 address goes in brackets: tcp:[ADDR]:PORT".into());
+        return Err(format!(
+            "an IPv6 address goes in brackets: {scheme}[ADDR]:PORT"
+        ));
     } else {
         host
     };
     if host.is_empty() {
-        return Err("expected tcp:HOST:PORT; the HOST is missing".into());
+        return Err(format!("expected {scheme}HOST:PORT; the HOST is missing"));
     }
     let name_ok = |h: &str| {
         h.len() <= 253
@@ -204,10 +230,7 @@ fn parse_tcp(rest: &str) -> Result<MigrationUrl, String> {
     if !host.contains(':') && host.parse::<Ipv4Addr>().is_err() && !name_ok(host) {
         return Err(format!("{host:?} is not a host name or an IP address"));
     }
-    Ok(MigrationUrl::Tcp {
-        host: host.to_string(),
-        port,
-    })
+    Ok((host.to_string(), port))
 }
 
 impl VmSnapshotConfig {

@@ -1,0 +1,198 @@
+//! The control loop's COLO part: starting protection in either role, and serving what the
+//! COLO worker asks of the VM (pause, state, resume, building the SVM, the end).
+
+use std::sync::Arc;
+
+use api::{ApiError, ColoConfig, ColoRole, VmState};
+
+use crate::colo_host::{parts_of, ColoObserver, ColoRequest, ColoSecondaryHost, ColoVm};
+use crate::config::SerialConfig;
+use crate::control::Vmm;
+use crate::snapshot::VmSnapshot;
+use crate::vm::Start;
+
+impl Vmm {
+    /// The current or last protection (`vm.colo-*`).
+    pub(crate) fn protection(&self) -> Result<&colo::Protection, ApiError> {
+        self.colo
+            .as_ref()
+            .ok_or_else(|| ApiError::new(409, "COLO has not been started (vm.colo-start)"))
+    }
+
+    /// Sets the console the SVM will use (the secondary's own `--serial`).
+    pub fn set_local_serial(&mut self, serial: SerialConfig) {
+        self.local_serial = Some(serial);
+    }
+
+    /// Starts COLO in `cfg.role` (`--colo`, `vm.colo-start`).
+    pub fn start_colo(&mut self, cfg: &ColoConfig) -> Result<(), ApiError> {
+        cfg.validate().map_err(|e| ApiError::from_error(400, &e))?;
+        if self.colo.as_ref().is_some_and(colo::Protection::active) {
+            return Err(ApiError::new(409, "COLO protection is already running"));
+        }
+        if self.migration_active() {
+            return Err(ApiError::new(409, "a migration is running"));
+        }
+        let observer = Arc::new(ColoObserver {
+            events: self.events.clone(),
+            link: self.link.clone(),
+        });
+        let address = cfg.address().unwrap_or_default().to_string();
+        let protection = match cfg.role {
+            ColoRole::Primary => {
+                let vm = self.vm()?;
+                if vm.state() != VmState::Running {
+                    return Err(ApiError::new(
+                        409,
+                        format!(
+                            "only a running VM can be protected (it is {:?})",
+                            vm.state()
+                        ),
+                    ));
+                }
+                if !vm.config().disks.is_empty() || !vm.config().nets.is_empty() {
+                    return Err(ApiError::new(
+                        400,
+                        "COLO does not replicate disks or NICs yet: protect a VM without them",
+                    ));
+                }
+                let pcfg = colo::PrimaryConfig {
+                    peer: address.clone(),
+                    channels: cfg.channel_count(),
+                    interval: cfg.checkpoint_interval(),
+                    heartbeat_interval: cfg.heartbeat_interval(),
+                    heartbeat_timeout: cfg.heartbeat_timeout(),
+                    config_json: serde_json::to_string(vm.config())
+                        .map_err(|e| ApiError::from_error(500, &e))?,
+                    vcpus: vm.config().cpus.boot.into(),
+                };
+                let pvm = Arc::new(ColoVm::new(parts_of(vm), self.link.clone()));
+                colo::start_primary(pvm, pcfg, observer)
+            }
+            ColoRole::Secondary => {
+                if self
+                    .vm
+                    .as_ref()
+                    .is_some_and(|vm| vm.state() != VmState::Shutdown)
+                {
+                    return Err(ApiError::new(
+                        409,
+                        "the secondary must not run a VM: the SVM comes from the primary",
+                    ));
+                }
+                let listener = std::net::TcpListener::bind(&address)
+                    .map_err(|e| ApiError::new(400, format!("listen on {address}: {e}")))?;
+                let scfg = colo::SecondaryConfig {
+                    listen: address.clone(),
+                    heartbeat_interval: cfg.heartbeat_interval(),
+                    heartbeat_timeout: cfg.heartbeat_timeout(),
+                };
+                let host = Box::new(ColoSecondaryHost {
+                    link: self.link.clone(),
+                });
+                colo::start_secondary(listener, scfg, host, observer)
+            }
+        }
+        .map_err(|e| ApiError::from_error(500, &e))?;
+        self.colo = Some(protection);
+        self.events.emit(
+            "colo",
+            "started",
+            serde_json::json!({"role": cfg.role.as_str(), "address": address}),
+        );
+        Ok(())
+    }
+
+    /// Serves one request of the COLO worker.
+    pub(crate) fn handle_colo(&mut self, req: ColoRequest) {
+        match req {
+            ColoRequest::Pause(reply) => {
+                let r = self
+                    .vm()
+                    .map_err(|e| e.error)
+                    .and_then(|vm| match vm.state() {
+                        VmState::Paused => Ok(false),
+                        _ => vm.pause().map(|()| true).map_err(|e| e.to_string()),
+                    });
+                let _ = reply.send(r);
+            }
+            ColoRequest::Save(reply) => {
+                let r = self.vm().map_err(|e| e.error).and_then(|vm| {
+                    let snap = vm.save_snapshot().map_err(|e| e.to_string())?;
+                    serde_json::to_vec(&snap).map_err(|e| e.to_string())
+                });
+                let _ = reply.send(r);
+            }
+            ColoRequest::Load(blob, reply) => {
+                let r = serde_json::from_slice::<VmSnapshot>(&blob)
+                    .map_err(|e| format!("the checkpoint's VM state does not parse: {e}"))
+                    .and_then(|snap| {
+                        let vm = self.vm().map_err(|e| e.error)?;
+                        vm.apply_snapshot(&snap).map_err(|e| e.to_string())
+                    });
+                let _ = reply.send(r);
+            }
+            ColoRequest::Resume(reply) => {
+                let r = self
+                    .vm()
+                    .map_err(|e| e.error)
+                    .and_then(|vm| vm.resume().map_err(|e| e.to_string()));
+                let _ = reply.send(r);
+            }
+            ColoRequest::CreateVm(mut config, reply) => {
+                if let Some(serial) = &self.local_serial {
+                    config.serial = serial.clone();
+                }
+                let r = if !config.disks.is_empty() || !config.nets.is_empty() {
+                    Err(
+                        "the primary's VM has disks or NICs, which COLO does not replicate yet"
+                            .to_string(),
+                    )
+                } else {
+                    self.build_vm(&config, Start::Restore)
+                        .map_err(|e| e.error)
+                        .and_then(|()| self.vm().map(|vm| parts_of(vm)).map_err(|e| e.error))
+                };
+                let _ = reply.send(r);
+            }
+            ColoRequest::Exited(exit) => self.colo_exited(exit),
+        }
+    }
+
+    fn colo_exited(&mut self, exit: colo::ColoExit) {
+        log::warn!(
+            "COLO {} ended after {} checkpoints: {} ({:?})",
+            exit.role.as_str(),
+            exit.after_checkpoints,
+            exit.reason,
+            exit.action
+        );
+        self.events.emit(
+            "colo",
+            "colo_exit",
+            serde_json::to_value(&exit).unwrap_or_default(),
+        );
+        match exit.action {
+            colo::ExitAction::Stop => {
+                if let Some(vm) = self.vm.as_mut() {
+                    if vm.state() != VmState::Shutdown {
+                        vm.shutdown();
+                        self.emit(
+                            "shutdown",
+                            serde_json::json!({"reason": "COLO secondary stopped"}),
+                        );
+                    }
+                }
+                if let Some(c) = &self.console {
+                    c.detach();
+                }
+            }
+            colo::ExitAction::Continue => {
+                if let Some(vm) = self.vm.as_ref() {
+                    // The survivor's NICs now carry the guest's traffic.
+                    vm.virtio().announce();
+                }
+            }
+        }
+    }
+}
