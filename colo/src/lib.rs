@@ -14,6 +14,7 @@ pub mod protection;
 pub mod ram_cache;
 pub mod record;
 pub mod secondary;
+pub mod staging;
 pub mod status;
 pub mod vm;
 

@@ -19,6 +19,7 @@ use migration::{
 use crate::heartbeat::{Heartbeat, LostReason};
 use crate::protection::{Command, FailoverSwitch, Protection};
 use crate::record::{Reason, Record};
+use crate::staging::Staging;
 use crate::status::{
     ms, CheckpointReport, ColoExit, ColoState, ColoStatus, ExitAction, Role, SharedStatus,
 };
@@ -68,6 +69,7 @@ pub fn start_primary(
     status.heartbeat.timeout_ms = cfg.heartbeat_timeout.as_millis() as u64;
     let status = SharedStatus::new(status);
     let switch = Arc::new(FailoverSwitch::default());
+    let ram = vm.regions().iter().map(|r| r.len).sum();
     let (tx, rx) = std::sync::mpsc::channel();
     switch.wake_with(tx.clone());
     let worker = Worker {
@@ -77,6 +79,7 @@ pub fn start_primary(
         switch: switch.clone(),
         observer,
         seq: 0,
+        staging: Staging::new(ram),
     };
     std::thread::Builder::new()
         .name("colo-primary".into())
@@ -110,6 +113,7 @@ struct Worker {
     switch: Arc<FailoverSwitch>,
     observer: Arc<dyn Observer>,
     seq: u64,
+    staging: Staging,
 }
 
 impl Worker {
@@ -243,6 +247,12 @@ impl Worker {
             })
             .map_err(|e| e.to_string())?;
         self.vm.start_dirty_log()?;
+        // A staging buffer for a quarter of RAM (at most 256 MiB) from the start, so early
+        // checkpoints need not pause for their transfer; it grows with the dirty sets seen.
+        let ram: u64 = regions.iter().map(|r| r.len).sum();
+        if let Err(e) = self.staging.grow_for((ram / 4).min(256 << 20)) {
+            log::warn!("COLO: staging buffer: {e}");
+        }
         let mut ranges = regions;
         let mut rounds = 0;
         let pending = loop {
@@ -262,6 +272,10 @@ impl Worker {
     }
 
     /// One checkpoint; `carry` holds dirty pages not sent yet (from the initial sync).
+    ///
+    /// The PVM is paused for its state, the dirty log and a copy of the dirty pages into the
+    /// staging buffer, then resumes while the copy crosses the network; without room in the
+    /// buffer it stays paused until the secondary acks.
     fn checkpoint(
         &mut self,
         sender: &mut Sender,
@@ -275,25 +289,86 @@ impl Worker {
             "checkpoint-started",
             serde_json::json!({"seq": self.seq, "reason": reason}),
         );
-        let t0 = Instant::now();
+        let mut phases = Phases::start();
         let we_paused = self.vm.pause()?;
-        let result = self.paused_part(sender, reason, pause_after, carry, t0);
-        let resume_at = Instant::now();
-        let resumed = if we_paused && (result.is_err() || !pause_after) {
-            self.vm.resume()
-        } else {
-            Ok(())
+        // Resumes the PVM (unless the user had paused it or asked to stay paused); returns
+        // how long it was paused.
+        let resume = |phases: &mut Phases, failed: bool| -> Result<Duration, String> {
+            let paused = phases.t0.elapsed();
+            if we_paused && (failed || !pause_after) {
+                self.vm.resume()?;
+            }
+            phases.mark("resume");
+            Ok(paused)
         };
-        let mut report = result?;
-        resumed?;
-        let pause = t0.elapsed();
-        report
-            .phases_ms
-            .insert("resume".into(), ms(resume_at.elapsed()));
+        phases.mark("pause");
+        let collected = (|| {
+            let state = self.vm.save_state()?;
+            let mut dirty = self.vm.take_dirty()?;
+            merge(&mut dirty, &carry);
+            let (ranges, bytes) = ranges_of(&dirty)?;
+            let staged = self.staging.stage(&ranges, self.vm.memory())?;
+            Ok::<_, String>((state, ranges, bytes, staged))
+        })();
+        phases.mark("collect");
+        let (state, ranges, dirty_bytes, staged) = match collected {
+            Ok(c) => c,
+            Err(e) => {
+                resume(&mut phases, true)?;
+                return Err(e);
+            }
+        };
+        let mut pause = None;
+        if staged {
+            pause = Some(resume(&mut phases, false)?);
+        }
+        let sent = (|| {
+            let mem: &dyn migration::GuestMemoryReader = if staged {
+                &self.staging.reader()
+            } else {
+                self.vm.memory()
+            };
+            let stats = sender.send_round(&ranges, mem).map_err(|e| e.to_string())?;
+            if reason == Reason::Initial {
+                sender.wait_round_applied().map_err(|e| e.to_string())?;
+            }
+            let record = Record {
+                seq: self.seq,
+                reason,
+                pause_after,
+                state: &state,
+            }
+            .encode();
+            sender.send_state(&record).map_err(|e| e.to_string())?;
+            phases.mark("transfer");
+            sender.complete().map_err(|e| e.to_string())?;
+            phases.mark("secondary");
+            Ok::<_, String>(stats)
+        })();
+        if pause.is_none() {
+            pause = Some(resume(&mut phases, sent.is_err())?);
+        }
+        let stats = sent?;
+        let pause = pause.unwrap_or_default();
+        if !staged || dirty_bytes > self.staging.capacity() / 10 * 8 {
+            // Room for next time, while the PVM runs.
+            if let Err(e) = self.staging.grow_for(dirty_bytes + dirty_bytes / 4) {
+                log::warn!("COLO: staging buffer: {e}; checkpoints keep pausing for the transfer");
+            }
+        }
+        let bytes = stats.pages.data_bytes + stats.pages.zero_bytes;
+        let report = CheckpointReport {
+            seq: self.seq,
+            bytes,
+            pages: bytes / migration::PAGE_SIZE,
+            phases_ms: phases.done,
+        };
         let event = serde_json::json!({
             "seq": report.seq,
             "reason": reason,
             "pause_ms": ms(pause),
+            "total_ms": ms(phases.t0.elapsed()),
+            "staged": staged,
             "bytes": report.bytes,
             "pages": report.pages,
             "phases_ms": report.phases_ms,
@@ -307,53 +382,29 @@ impl Worker {
         self.observer.event("checkpoint", event);
         Ok(())
     }
+}
 
-    /// The part of a checkpoint while the PVM is paused (up to the secondary's ack).
-    fn paused_part(
-        &mut self,
-        sender: &mut Sender,
-        reason: Reason,
-        pause_after: bool,
-        carry: Vec<DirtyBitmap>,
-        t0: Instant,
-    ) -> Result<CheckpointReport, String> {
-        let mut phases = std::collections::BTreeMap::new();
-        let mut mark = t0;
-        let mut phase = |name: &str, phases: &mut std::collections::BTreeMap<String, f64>| {
-            let now = Instant::now();
-            phases.insert(name.to_string(), ms(now - mark));
-            mark = now;
-        };
-        phase("pause", &mut phases);
-        let state = self.vm.save_state()?;
-        let mut dirty = self.vm.take_dirty()?;
-        merge(&mut dirty, &carry);
-        let (ranges, _) = ranges_of(&dirty)?;
-        phase("collect", &mut phases);
-        let stats = sender
-            .send_round(&ranges, self.vm.memory())
-            .map_err(|e| e.to_string())?;
-        if reason == Reason::Initial {
-            sender.wait_round_applied().map_err(|e| e.to_string())?;
+/// Phase times of one checkpoint, each from the end of the previous one.
+struct Phases {
+    t0: Instant,
+    last: Instant,
+    done: std::collections::BTreeMap<String, f64>,
+}
+
+impl Phases {
+    fn start() -> Self {
+        let now = Instant::now();
+        Phases {
+            t0: now,
+            last: now,
+            done: Default::default(),
         }
-        let record = Record {
-            seq: self.seq,
-            reason,
-            pause_after,
-            state: &state,
-        }
-        .encode();
-        sender.send_state(&record).map_err(|e| e.to_string())?;
-        phase("transfer", &mut phases);
-        sender.complete().map_err(|e| e.to_string())?;
-        phase("secondary", &mut phases);
-        let bytes = stats.pages.data_bytes + stats.pages.zero_bytes;
-        Ok(CheckpointReport {
-            seq: self.seq,
-            bytes,
-            pages: bytes / migration::PAGE_SIZE,
-            phases_ms: phases,
-        })
+    }
+
+    fn mark(&mut self, name: &str) {
+        let now = Instant::now();
+        self.done.insert(name.to_string(), ms(now - self.last));
+        self.last = now;
     }
 }
 

@@ -52,7 +52,7 @@ pub enum CacheError {
 }
 
 /// One anonymous, prefaulted mapping.
-struct Mapping {
+pub(crate) struct Mapping {
     ptr: *mut u8,
     len: usize,
 }
@@ -65,7 +65,7 @@ unsafe impl Send for Mapping {}
 unsafe impl Sync for Mapping {}
 
 impl Mapping {
-    fn new(len: u64) -> Result<Self, CacheError> {
+    pub(crate) fn new(len: u64) -> Result<Self, CacheError> {
         let size = usize::try_from(len).map_err(|_| CacheError::Map(len))?;
         // SAFETY: a fresh private anonymous mapping; no existing memory is affected.
         let ptr = unsafe {
@@ -94,9 +94,14 @@ impl Mapping {
         })
     }
 
-    fn slice(&self) -> &[u8] {
+    pub(crate) fn slice(&self) -> &[u8] {
         // SAFETY: ptr/len describe a live mapping owned by self, readable and writable.
         unsafe { std::slice::from_raw_parts(self.ptr, self.len) }
+    }
+
+    pub(crate) fn slice_mut(&mut self) -> &mut [u8] {
+        // SAFETY: as above, and &mut self gives exclusive access.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, self.len) }
     }
 
     /// Copies `data` to offset `off` (bounds checked by the caller).
