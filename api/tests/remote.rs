@@ -429,7 +429,7 @@ fn colo_commands() {
         "peer            10.0.0.2:9000",
         "checkpoints     42 (interval 30, divergence 10, initial 1, request 1)",
         "last reason     divergence",
-        "interval        at most 250 ms apart, 2 channels",
+        "interval        250 ms apart, 2 channels",
         "pause           last 12.5 ms, mean 10.2 ms, p99 25.0 ms, max 31.0 ms",
         "per checkpoint  mean 4.2 MiB (1075 pages); last #42 3.1 MiB (800 pages)",
         "phases (mean)   ack 1.9 ms, dirty_log 1.2 ms, pause 0.4 ms, send 6.8 ms",
@@ -533,7 +533,7 @@ fn bad_colo_arguments_are_refused_before_sending() {
     assert_eq!(o.code, 2, "clap refuses it: {}", o.stderr);
     let o = remote(&s.socket, &["colo-status"], None);
     assert!(
-        o.stdout.contains("at most 500 ms apart"),
+        o.stdout.contains("interval        500 ms apart"),
         "nothing was set: {}",
         o.stdout
     );

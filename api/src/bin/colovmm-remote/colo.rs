@@ -80,8 +80,8 @@ pub fn status_table(v: &Value) -> Option<String> {
         rows.push(vec!["last reason".into(), reason]);
     }
     let mut every = Vec::new();
-    if let Some(i) = v["checkpoint_interval_ms"].as_u64() {
-        every.push(format!("at most {i} ms apart"));
+    if let Some(i) = v["checkpoint_interval_ms"].as_u64().filter(|i| *i > 0) {
+        every.push(format!("{i} ms apart"));
     }
     if let Some(c) = v["channels"].as_u64() {
         every.push(format!("{c} channel{}", if c == 1 { "" } else { "s" }));
@@ -126,13 +126,13 @@ pub fn status_table(v: &Value) -> Option<String> {
     let hb = &v["heartbeat"];
     if hb.is_object() {
         let seen = match hb["last_seen_ms_ago"].as_f64() {
-            Some(ago) => format!("last seen {ago:.0} ms ago"),
-            None => "peer not seen".into(),
+            Some(ago) => format!(", last seen {ago:.0} ms ago"),
+            None => String::new(),
         };
         rows.push(vec![
             "heartbeat".into(),
             format!(
-                "every {}, timeout {}, {seen}",
+                "every {}, timeout {}{seen}",
                 ms(&hb["interval_ms"]),
                 ms(&hb["timeout_ms"])
             ),
