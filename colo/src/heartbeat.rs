@@ -44,6 +44,14 @@ impl std::fmt::Display for LostReason {
     }
 }
 
+/// Bytes of one heartbeat frame.
+pub const FRAME_LEN: usize = BEAT_LEN;
+
+/// Whether `frame` is a beat (the first thing a heartbeat connection carries).
+pub fn is_beat(frame: &[u8; FRAME_LEN]) -> bool {
+    frame[..2] == MAGIC && u16::from_le_bytes([frame[2], frame[3]]) == VERSION
+}
+
 fn frame(kind: [u8; 2], seq: u32) -> [u8; BEAT_LEN] {
     let mut beat = [0u8; BEAT_LEN];
     beat[..2].copy_from_slice(&kind);
@@ -105,6 +113,18 @@ impl Heartbeat {
         timeout: Duration,
         on_lost: impl FnOnce(LostReason) + Send + 'static,
     ) -> std::io::Result<Heartbeat> {
+        Self::start_with_grace(link, interval, timeout, timeout, on_lost)
+    }
+
+    /// Like [`Self::start`], but the peer's first beat may take `grace` (it may still be
+    /// accepting the connection).
+    pub fn start_with_grace(
+        link: Box<dyn Link>,
+        interval: Duration,
+        timeout: Duration,
+        grace: Duration,
+        on_lost: impl FnOnce(LostReason) + Send + 'static,
+    ) -> std::io::Result<Heartbeat> {
         let stop = Arc::new(AtomicBool::new(false));
         let report: Arc<Mutex<Option<OnLost>>> = Arc::new(Mutex::new(Some(Box::new(on_lost))));
         let lost = {
@@ -120,7 +140,7 @@ impl Heartbeat {
             }
         };
         let mut reader = link.duplicate()?;
-        reader.read_timeout(timeout)?;
+        reader.read_timeout(grace.max(timeout))?;
         let writer = Arc::new(Mutex::new(link.duplicate()?));
         let w = writer.clone();
         let r_lost = lost.clone();
@@ -129,9 +149,16 @@ impl Heartbeat {
             .name("colo-hb-recv".into())
             .spawn(move || {
                 let mut beat = [0u8; BEAT_LEN];
+                let mut first = true;
                 loop {
                     match reader.read_exact(&mut beat) {
-                        Ok(()) if beat[..2] == MAGIC => {}
+                        Ok(()) if beat[..2] == MAGIC => {
+                            if std::mem::take(&mut first) && grace > timeout {
+                                if let Err(e) = reader.read_timeout(timeout) {
+                                    return r_lost(LostReason::Broken(e.to_string()));
+                                }
+                            }
+                        }
                         Ok(()) if beat[..2] == FAREWELL => return r_lost(LostReason::Farewell),
                         Ok(()) => return r_lost(LostReason::Broken("not a heartbeat".into())),
                         Err(e) if r_stop.load(Ordering::SeqCst) => {
@@ -161,7 +188,10 @@ impl Heartbeat {
                         Err(_) => return,
                     };
                     if let Err(e) = sent {
-                        return lost(LostReason::Broken(format!("sending a beat: {e}")));
+                        // The reader gives the verdict: a farewell may still be waiting
+                        // to be read behind the broken pipe.
+                        log::debug!("heartbeat writer stopping: {e}");
+                        return;
                     }
                     seq = seq.wrapping_add(1);
                     std::thread::sleep(interval);

@@ -17,7 +17,7 @@ use migration::{
 };
 
 use crate::heartbeat::{Heartbeat, LostReason};
-use crate::protection::{Command, FailoverSwitch, Protection};
+use crate::protection::{peer_may_be_gone, Cause, Command, FailoverSwitch, Protection};
 use crate::record::{Reason, Record};
 use crate::staging::Staging;
 use crate::status::{
@@ -31,6 +31,8 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
 /// The initial sync stops iterating once this little is left for the first checkpoint.
 const SYNC_SMALL_ENOUGH: u64 = 32 << 20;
+/// How long to wait for the heartbeat's verdict beyond its timeout, after a stream broke.
+pub const VERDICT_SLACK: Duration = Duration::from_millis(500);
 /// ... or after this many rounds (a guest that dirties faster than the link).
 const SYNC_MAX_ROUNDS: usize = 5;
 
@@ -95,13 +97,56 @@ pub fn start_primary(
 struct End {
     reason: String,
     during_checkpoint: bool,
+    /// The error may mean a dead peer: wait for the heartbeat's verdict.
+    peer_may_be_gone: bool,
 }
 
 impl End {
-    fn new(reason: impl Into<String>, during_checkpoint: bool) -> Self {
+    fn new(f: impl Into<Failure>, during_checkpoint: bool) -> Self {
+        let f = f.into();
         End {
-            reason: reason.into(),
+            reason: f.message,
             during_checkpoint,
+            peer_may_be_gone: f.peer_may_be_gone,
+        }
+    }
+}
+
+/// A failure inside a checkpoint or the sync.
+struct Failure {
+    message: String,
+    peer_may_be_gone: bool,
+}
+
+impl From<String> for Failure {
+    fn from(message: String) -> Self {
+        Failure {
+            message,
+            peer_may_be_gone: false,
+        }
+    }
+}
+
+impl From<&str> for Failure {
+    fn from(message: &str) -> Self {
+        Failure::from(message.to_string())
+    }
+}
+
+impl From<migration::ChannelError> for Failure {
+    fn from(e: migration::ChannelError) -> Self {
+        Failure {
+            peer_may_be_gone: peer_may_be_gone(&e),
+            message: e.to_string(),
+        }
+    }
+}
+
+impl Failure {
+    fn context(self, what: &str) -> Self {
+        Failure {
+            message: format!("{what}: {}", self.message),
+            ..self
         }
     }
 }
@@ -120,12 +165,16 @@ impl Worker {
     fn run(mut self, commands: MpscReceiver<Command>) {
         let mut sender = None;
         let end = self.protect(&mut sender, &commands);
-        // A lost peer is the cause; the I/O error it provoked is a consequence.
+        // A broken stream may be the first sign of a dead secondary: the heartbeat says.
+        if end.peer_may_be_gone && self.switch.cause().is_none() {
+            self.switch.wait(self.cfg.heartbeat_timeout + VERDICT_SLACK);
+        }
+        // The first cause wins; a failure here is this side ending protection (farewell).
+        self.switch.throw(Cause::Failed, end.reason.clone());
         let reason = self.switch.reason().unwrap_or(end.reason);
         if let Some(s) = sender.as_mut() {
             s.abandon(&reason);
         }
-        self.switch.disarm();
         self.vm.stop_dirty_log();
         let exit = ColoExit {
             role: Role::Primary,
@@ -136,11 +185,8 @@ impl Worker {
         };
         {
             let mut s = self.status.lock();
-            s.state = if self.switch.reason().is_some() {
-                ColoState::FailedOver
-            } else {
-                ColoState::Stopped
-            };
+            // The PVM always runs on, alone.
+            s.state = ColoState::FailedOver;
             s.exit = Some(exit.clone());
         }
         self.observer.exited(exit);
@@ -152,7 +198,7 @@ impl Worker {
             Err(e) => return End::new(e, false),
         };
         if let Err(e) = self.sync(sender) {
-            return End::new(format!("initial sync: {e}"), true);
+            return End::new(e.context("initial sync"), true);
         }
         self.status.lock().state = ColoState::Protected;
         self.observer.event(
@@ -162,8 +208,8 @@ impl Worker {
         let mut interval = self.cfg.interval;
         let mut next = Instant::now() + interval;
         loop {
-            if self.switch.reason().is_some() {
-                return End::new("", false);
+            if let Some(reason) = self.switch.reason() {
+                return End::new(reason, false);
             }
             let wait = next.saturating_duration_since(Instant::now());
             let (reason, pause_after) = match commands.recv_timeout(wait) {
@@ -184,7 +230,7 @@ impl Worker {
                 }) => (reason, pause_after),
             };
             if let Err(e) = self.checkpoint(sender, reason, pause_after, Vec::new()) {
-                return End::new(format!("checkpoint failed: {e}"), true);
+                return End::new(e.context("checkpoint failed"), true);
             }
             next = Instant::now() + interval;
         }
@@ -220,13 +266,16 @@ impl Worker {
             .and_then(|s| s.set_nodelay(true).map(|()| s))
             .map_err(|e| format!("heartbeat connection to {addr}: {e}"))?;
         let switch = self.switch.clone();
-        let hb = Heartbeat::start(
+        let hb = Heartbeat::start_with_grace(
             Box::new(hb),
             self.cfg.heartbeat_interval,
             self.cfg.heartbeat_timeout,
+            IO_TIMEOUT,
             move |why| match why {
-                LostReason::Farewell => switch.peer_left("the secondary ended protection".into()),
-                other => switch.throw(format!("secondary lost: {other}"), false),
+                LostReason::Farewell => {
+                    switch.throw(Cause::PeerLeft, "the secondary ended protection".into())
+                }
+                other => switch.throw(Cause::PeerLost, format!("secondary lost: {other}")),
             },
         )
         .map_err(|e| format!("starting the heartbeat: {e}"))?;
@@ -236,7 +285,7 @@ impl Worker {
 
     /// Copies the whole VM while it runs, a few rounds of what it dirtied meanwhile, then the
     /// first checkpoint. Rounds before it are acked, so the sender never runs ahead.
-    fn sync(&mut self, sender: &mut Sender) -> Result<(), String> {
+    fn sync(&mut self, sender: &mut Sender) -> Result<(), Failure> {
         let regions = self.vm.regions();
         let layout = MemoryLayout::new(regions.clone()).map_err(|e| e.to_string())?;
         sender
@@ -245,7 +294,7 @@ impl Worker {
                 vcpus: self.cfg.vcpus,
                 config_json: self.cfg.config_json.clone(),
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(Failure::from)?;
         self.vm.start_dirty_log()?;
         // A staging buffer for a quarter of RAM (at most 256 MiB) from the start, so early
         // checkpoints need not pause for their transfer; it grows with the dirty sets seen.
@@ -258,8 +307,8 @@ impl Worker {
         let pending = loop {
             sender
                 .send_round(&ranges, self.vm.memory())
-                .map_err(|e| e.to_string())?;
-            sender.wait_round_applied().map_err(|e| e.to_string())?;
+                .map_err(Failure::from)?;
+            sender.wait_round_applied().map_err(Failure::from)?;
             rounds += 1;
             let dirty = self.vm.take_dirty()?;
             let (next, bytes) = ranges_of(&dirty)?;
@@ -282,7 +331,7 @@ impl Worker {
         reason: Reason,
         pause_after: bool,
         carry: Vec<DirtyBitmap>,
-    ) -> Result<(), String> {
+    ) -> Result<(), Failure> {
         self.seq += 1;
         self.status.lock().state = ColoState::Checkpointing;
         self.observer.event(
@@ -295,9 +344,7 @@ impl Worker {
         // how long it was paused.
         let resume = |phases: &mut Phases, failed: bool| -> Result<Duration, String> {
             let paused = phases.t0.elapsed();
-            if we_paused && (failed || !pause_after) {
-                self.vm.resume()?;
-            }
+            self.vm.resume(we_paused && (failed || !pause_after))?;
             phases.mark("resume");
             Ok(paused)
         };
@@ -308,7 +355,7 @@ impl Worker {
             merge(&mut dirty, &carry);
             let (ranges, bytes) = ranges_of(&dirty)?;
             let staged = self.staging.stage(&ranges, self.vm.memory())?;
-            Ok::<_, String>((state, ranges, bytes, staged))
+            Ok::<_, Failure>((state, ranges, bytes, staged))
         })();
         phases.mark("collect");
         let (state, ranges, dirty_bytes, staged) = match collected {
@@ -328,9 +375,9 @@ impl Worker {
             } else {
                 self.vm.memory()
             };
-            let stats = sender.send_round(&ranges, mem).map_err(|e| e.to_string())?;
+            let stats = sender.send_round(&ranges, mem).map_err(Failure::from)?;
             if reason == Reason::Initial {
-                sender.wait_round_applied().map_err(|e| e.to_string())?;
+                sender.wait_round_applied().map_err(Failure::from)?;
             }
             let record = Record {
                 seq: self.seq,
@@ -339,11 +386,11 @@ impl Worker {
                 state: &state,
             }
             .encode();
-            sender.send_state(&record).map_err(|e| e.to_string())?;
+            sender.send_state(&record).map_err(Failure::from)?;
             phases.mark("transfer");
-            sender.complete().map_err(|e| e.to_string())?;
+            sender.complete().map_err(Failure::from)?;
             phases.mark("secondary");
-            Ok::<_, String>(stats)
+            Ok::<_, Failure>(stats)
         })();
         if pause.is_none() {
             pause = Some(resume(&mut phases, sent.is_err())?);

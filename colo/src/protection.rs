@@ -39,19 +39,34 @@ pub enum ProtectionError {
     NotPrimary,
 }
 
-/// Thrown once when the peer is lost or failover is asked for: records why, tells the peer
-/// (a farewell on the heartbeat when this side ends protection on purpose) and shuts the
-/// checkpoint streams down, which wakes any thread blocked on them at once.
+/// Why protection ended, as the failover switch saw it first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// The peer died, hung or its connection broke (the heartbeat's verdict).
+    PeerLost,
+    /// The peer ended protection on purpose and lives on (its farewell).
+    PeerLeft,
+    /// Failover asked for through the API on this side.
+    Requested,
+    /// This side's worker failed (or refused what the peer sent) and ends protection.
+    Failed,
+}
+
+/// Thrown once when the peer is lost, failover is asked for, or the worker fails: records the
+/// first cause, tells the peer when this side ends protection on purpose (a farewell on the
+/// heartbeat, sent before anything else closes), then shuts the checkpoint streams down,
+/// which wakes any thread blocked on them at once.
 #[derive(Default)]
 pub struct FailoverSwitch {
     inner: Mutex<SwitchInner>,
+    thrown: std::sync::Condvar,
 }
 
 #[derive(Default)]
 struct SwitchInner {
-    reason: Option<String>,
-    /// The peer ended protection on purpose (it keeps running).
-    farewell_from_peer: bool,
+    cause: Option<(Cause, String)>,
+    /// The heartbeat was stopped and the streams shut.
+    acted: bool,
     streams: Vec<Box<dyn Transport>>,
     heartbeat: Option<Heartbeat>,
     wake: Option<MpscSender<Command>>,
@@ -65,7 +80,7 @@ impl FailoverSwitch {
     /// Streams to shut down when thrown (if already thrown, shuts them down at once).
     pub fn guard_streams(&self, streams: Vec<Box<dyn Transport>>) {
         let mut i = self.inner();
-        if i.reason.is_some() {
+        if i.acted {
             for s in &streams {
                 let _ = s.shutdown(Shutdown::Both);
             }
@@ -76,7 +91,7 @@ impl FailoverSwitch {
     /// The heartbeat to stop (or say farewell on) when thrown.
     pub fn own_heartbeat(&self, hb: Heartbeat) {
         let mut i = self.inner();
-        if i.reason.is_some() {
+        if i.acted {
             drop(i);
             hb.stop();
             return;
@@ -89,61 +104,98 @@ impl FailoverSwitch {
         self.inner().wake = Some(tx);
     }
 
-    /// Throws the switch: the peer is gone (`farewell: false`) or this side ends protection
-    /// on purpose (`farewell: true`, the peer is told). Only the first call counts.
-    pub fn throw(&self, reason: String, farewell: bool) {
-        self.throw_inner(reason, farewell, false);
+    /// Records the first cause without acting on it yet (the worker still has to tell the
+    /// peer why, on the stream, before the streams close). A later [`Self::throw`] acts.
+    pub fn claim(&self, cause: Cause, reason: String) {
+        let mut i = self.inner();
+        if i.cause.is_none() {
+            log::warn!("COLO: {reason}");
+            i.cause = Some((cause, reason));
+        }
     }
 
-    /// Throws the switch because the peer said farewell.
-    pub fn peer_left(&self, reason: String) {
-        self.throw_inner(reason, false, true);
-    }
-
-    fn throw_inner(&self, reason: String, farewell: bool, from_peer: bool) {
-        let (hb, wake) = {
+    /// Throws the switch: the first cause recorded is the one that counts; the first throw
+    /// acts on it.
+    pub fn throw(&self, cause: Cause, reason: String) {
+        self.claim(cause, reason);
+        let (cause, hb, wake, streams) = {
             let mut i = self.inner();
-            if i.reason.is_some() {
+            if std::mem::replace(&mut i.acted, true) {
                 return;
             }
-            log::warn!("COLO: {reason}");
-            i.reason = Some(reason);
-            i.farewell_from_peer = from_peer;
-            for s in &i.streams {
-                let _ = s.shutdown(Shutdown::Both);
-            }
-            (i.heartbeat.take(), i.wake.take())
+            let cause = i.cause.as_ref().map_or(cause, |(c, _)| *c);
+            let streams: Vec<_> = i
+                .streams
+                .iter()
+                .filter_map(|s| s.try_clone_transport().ok())
+                .collect();
+            (cause, i.heartbeat.take(), i.wake.take(), streams)
         };
+        self.thrown.notify_all();
         // Outside the lock: stopping the heartbeat joins its threads, and one of them may be
-        // the caller's (the heartbeat reports a loss from its own thread).
+        // the caller's (the heartbeat reports a loss from its own thread). The farewell goes
+        // before the streams close, so the peer hears why before it sees them end.
         if let Some(hb) = hb {
-            if farewell {
+            if matches!(cause, Cause::Requested | Cause::Failed) {
                 hb.farewell();
             } else {
                 std::thread::spawn(move || hb.stop());
             }
+        }
+        for s in &streams {
+            let _ = s.shutdown(Shutdown::Both);
         }
         if let Some(tx) = wake {
             let _ = tx.send(Command::Wake);
         }
     }
 
+    /// The first cause and its reason, if thrown.
+    pub fn cause(&self) -> Option<(Cause, String)> {
+        self.inner().cause.clone()
+    }
+
     /// Why it was thrown, if it was.
     pub fn reason(&self) -> Option<String> {
-        self.inner().reason.clone()
+        self.cause().map(|(_, r)| r)
     }
 
-    /// Whether it was thrown because the peer said farewell.
-    pub fn peer_said_farewell(&self) -> bool {
-        self.inner().farewell_from_peer
-    }
-
-    /// Stops the heartbeat without a failover (protection over for another reason).
-    pub fn disarm(&self) {
-        let hb = self.inner().heartbeat.take();
-        if let Some(hb) = hb {
-            hb.stop();
+    /// Waits at most `limit` for the switch to be thrown (for the heartbeat's verdict after
+    /// a stream broke); returns the cause if it was.
+    pub fn wait(&self, limit: Duration) -> Option<(Cause, String)> {
+        let deadline = std::time::Instant::now() + limit;
+        let mut i = self.inner();
+        while i.cause.is_none() {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                break;
+            }
+            i = self
+                .thrown
+                .wait_timeout(i, left)
+                .unwrap_or_else(PoisonError::into_inner)
+                .0;
         }
+        i.cause.clone()
+    }
+}
+
+/// Whether a stream error means the peer may be gone (ask the heartbeat), rather than that
+/// it sent something refused or refused something itself (it is alive).
+pub fn peer_may_be_gone(e: &migration::ChannelError) -> bool {
+    use migration::{ChannelError as C, ProtocolError as P};
+    match e {
+        C::Protocol { source, .. } => matches!(
+            source,
+            P::Io(_) | P::Timeout | P::Idle | P::Closed | P::Truncated { .. }
+        ),
+        C::Io { .. }
+        | C::ChannelEnded { .. }
+        | C::Idle(_)
+        | C::Stalled(_)
+        | C::Aborted
+        | C::AlreadyFailed => true,
+        _ => false,
     }
 }
 
@@ -193,8 +245,10 @@ impl Protection {
         if !self.active() {
             return Err(ProtectionError::Ended);
         }
-        self.switch
-            .throw("failover requested through the API".into(), true);
+        self.switch.throw(
+            Cause::Requested,
+            "failover requested through the API".into(),
+        );
         Ok(())
     }
 }

@@ -17,8 +17,8 @@ use migration::transport::{self, TransportError};
 use migration::{DirtyBitmap, Event, MemRange, Receiver, ReceiverOptions};
 
 use crate::heartbeat::{Heartbeat, LostReason};
-use crate::primary::{clone_all, IO_TIMEOUT};
-use crate::protection::{FailoverSwitch, Protection};
+use crate::primary::{clone_all, IO_TIMEOUT, VERDICT_SLACK};
+use crate::protection::{peer_may_be_gone, Cause, FailoverSwitch, Protection};
 use crate::ram_cache::{RamCache, PAGE_SIZE};
 use crate::record::{self, Reason};
 use crate::status::{
@@ -78,14 +78,34 @@ struct End {
     during_checkpoint: bool,
     /// The SVM cannot go on (never synced, or a load failed half-way).
     unusable: bool,
+    /// The error may mean a dead primary: wait for the heartbeat's verdict.
+    peer_may_be_gone: bool,
 }
 
 impl End {
-    fn lost(reason: impl Into<String>, during_checkpoint: bool) -> Self {
+    /// This side refuses what the primary sent (the primary is alive).
+    fn refused(reason: impl Into<String>, during_checkpoint: bool) -> Self {
         End {
             reason: reason.into(),
             during_checkpoint,
             unusable: false,
+            peer_may_be_gone: false,
+        }
+    }
+
+    /// A stream error.
+    fn stream(e: migration::ChannelError, during_checkpoint: bool) -> Self {
+        End {
+            peer_may_be_gone: peer_may_be_gone(&e),
+            ..End::refused(e.to_string(), during_checkpoint)
+        }
+    }
+
+    /// The SVM is in no state to run.
+    fn broken(reason: String) -> Self {
+        End {
+            unusable: true,
+            ..End::refused(reason, true)
         }
     }
 }
@@ -104,9 +124,22 @@ impl Worker {
     fn run(mut self, listener: TcpListener, mut host: Box<dyn SecondaryHost>) {
         let end = self.protect(&listener, host.as_mut());
         drop(listener);
-        let reason = self.switch.reason().unwrap_or(end.reason);
-        self.switch.disarm();
-        let stop = end.unusable || self.applied == 0 || self.switch.peer_said_farewell();
+        // A broken stream may be a dead primary, or one that ended protection: the heartbeat
+        // (a loss, or a farewell sent before the streams closed) tells which.
+        if end.peer_may_be_gone && self.switch.cause().is_none() {
+            self.switch.wait(self.cfg.heartbeat_timeout + VERDICT_SLACK);
+        }
+        // The first cause wins; a failure here means this side ends protection.
+        self.switch.throw(Cause::Failed, end.reason.clone());
+        let (cause, reason) = self
+            .switch
+            .cause()
+            .unwrap_or((Cause::Failed, end.reason.clone()));
+        // The SVM takes over only from a complete checkpoint, and only when the primary is
+        // gone or the user asked: otherwise the primary's VM runs on and this one must not.
+        let take_over = !end.unusable
+            && self.applied > 0
+            && matches!(cause, Cause::PeerLost | Cause::Requested);
         if let Some(vm) = &self.vm {
             vm.stop_dirty_log();
         }
@@ -115,18 +148,18 @@ impl Worker {
             reason,
             during_checkpoint: end.during_checkpoint,
             after_checkpoints: self.applied,
-            action: if stop {
-                ExitAction::Stop
-            } else {
+            action: if take_over {
                 ExitAction::Continue
+            } else {
+                ExitAction::Stop
             },
         };
         {
             let mut s = self.status.lock();
-            s.state = if stop {
-                ColoState::Stopped
-            } else {
+            s.state = if take_over {
                 ColoState::FailedOver
+            } else {
+                ColoState::Stopped
             };
             s.exit = Some(exit.clone());
         }
@@ -136,10 +169,14 @@ impl Worker {
     fn protect(&mut self, listener: &TcpListener, host: &mut dyn SecondaryHost) -> End {
         let mut receiver = match self.accept(listener) {
             Ok(r) => r,
-            Err(e) => return End::lost(e, false),
+            Err(e) => return End::refused(e, false),
         };
         let result = self.receive(&mut receiver, host);
         if let Err(end) = &result {
+            if !end.peer_may_be_gone {
+                // This side's refusal is the cause, whatever the primary does about it.
+                self.switch.claim(Cause::Failed, end.reason.clone());
+            }
             receiver.reject(&end.reason);
         }
         match result {
@@ -168,13 +205,7 @@ impl Worker {
             s.peer = Some(self.cfg.listen.clone());
             s.channels = streams.len() as u32;
         }
-        transport::wait_for_connection(listener.as_raw_fd(), IO_TIMEOUT)
-            .map_err(|e| format!("the primary's heartbeat connection: {e}"))?;
-        let (hb, _) = listener
-            .accept()
-            .map_err(|e| format!("accepting the heartbeat: {e}"))?;
-        hb.set_nodelay(true)
-            .map_err(|e| format!("heartbeat socket: {e}"))?;
+        let hb = accept_heartbeat(listener)?;
         self.start_heartbeat(hb)?;
         Receiver::new(
             streams,
@@ -189,13 +220,16 @@ impl Worker {
 
     fn start_heartbeat(&self, hb: TcpStream) -> Result<(), String> {
         let switch = self.switch.clone();
-        let hb = Heartbeat::start(
+        let hb = Heartbeat::start_with_grace(
             Box::new(hb),
             self.cfg.heartbeat_interval,
             self.cfg.heartbeat_timeout,
+            IO_TIMEOUT,
             move |why| match why {
-                LostReason::Farewell => switch.peer_left("the primary ended protection".into()),
-                other => switch.throw(format!("primary lost: {other}"), false),
+                LostReason::Farewell => {
+                    switch.throw(Cause::PeerLeft, "the primary ended protection".into())
+                }
+                other => switch.throw(Cause::PeerLost, format!("primary lost: {other}")),
             },
         )
         .map_err(|e| format!("starting the heartbeat: {e}"))?;
@@ -210,23 +244,15 @@ impl Worker {
         receiver: &mut Receiver,
         host: &mut dyn SecondaryHost,
     ) -> Result<End, End> {
-        let fail = |e: migration::ChannelError, during: bool| End::lost(e.to_string(), during);
+        let fail = End::stream;
         let start = receiver.recv_start().map_err(|e| fail(e, false))?;
         let regions: Vec<MemRange> = start.layout.regions().to_vec();
         let vm = host
             .create_vm(&start.config_json, start.vcpus, &regions)
-            .map_err(|e| End {
-                reason: format!("cannot build the SVM: {e}"),
-                during_checkpoint: false,
-                unusable: true,
-            })?;
+            .map_err(|e| End::broken(format!("cannot build the SVM: {e}")))?;
         self.vm = Some(vm.clone());
         let spans: Vec<(u64, u64)> = regions.iter().map(|r| (r.gpa, r.len)).collect();
-        let cache = Arc::new(RamCache::new(&spans).map_err(|e| End {
-            reason: e.to_string(),
-            during_checkpoint: false,
-            unusable: true,
-        })?);
+        let cache = Arc::new(RamCache::new(&spans).map_err(|e| End::broken(e.to_string()))?);
         receiver
             .start_applying(cache.clone())
             .map_err(|e| fail(e, false))?;
@@ -254,23 +280,28 @@ impl Worker {
                 }
                 Event::State(blob) => {
                     if pending.is_some() {
-                        return Err(End::lost("two checkpoint records in one checkpoint", true));
+                        return Err(End::refused(
+                            "two checkpoint records in one checkpoint",
+                            true,
+                        ));
                     }
                     record::decode(&blob)
-                        .map_err(|e| End::lost(format!("bad checkpoint record: {e}"), true))?;
+                        .map_err(|e| End::refused(format!("bad checkpoint record: {e}"), true))?;
                     pending = Some(blob);
                 }
                 Event::Complete => {
                     let blob = pending.take().ok_or_else(|| {
-                        End::lost("a checkpoint completed without its record", true)
+                        End::refused("a checkpoint completed without its record", true)
                     })?;
                     self.apply(&vm, &cache, &blob, receiver, &regions)?;
                     settled = received(receiver);
                 }
                 Event::Abandoned(why) => {
-                    self.switch
-                        .peer_left(format!("the primary ended protection: {why}"));
-                    return Ok(End::lost(why, pending.is_some()));
+                    self.switch.throw(
+                        Cause::PeerLeft,
+                        format!("the primary ended protection: {why}"),
+                    );
+                    return Ok(End::refused(why, pending.is_some()));
                 }
             }
         }
@@ -286,10 +317,10 @@ impl Worker {
         regions: &[MemRange],
     ) -> Result<(), End> {
         let rec = record::decode(blob)
-            .map_err(|e| End::lost(format!("bad checkpoint record: {e}"), true))?;
+            .map_err(|e| End::refused(format!("bad checkpoint record: {e}"), true))?;
         let first = self.applied == 0;
         if first != (rec.reason == Reason::Initial) {
-            return Err(End::lost(
+            return Err(End::refused(
                 format!(
                     "checkpoint {} has reason {:?} out of order",
                     rec.seq, rec.reason
@@ -299,21 +330,17 @@ impl Worker {
         }
         // Failover asked for before the load began: abandon, the SVM stays as it is.
         if let Some(r) = self.switch.reason() {
-            return Err(End::lost(r, true));
+            return Err(End::refused(r, true));
         }
         self.status.lock().state = ColoState::Checkpointing;
-        let broken = |what: &str, e: String| End {
-            reason: format!("{what}: {e}"),
-            during_checkpoint: true,
-            unusable: true,
-        };
+        let broken = |what: &str, e: String| End::broken(format!("{what}: {e}"));
         let t0 = Instant::now();
         let mut phases = std::collections::BTreeMap::new();
         let we_paused = if first {
             false
         } else {
             vm.pause()
-                .map_err(|e| End::lost(format!("pausing the SVM: {e}"), true))?
+                .map_err(|e| End::refused(format!("pausing the SVM: {e}"), true))?
         };
         let svm_dirty = if first {
             regions
@@ -324,10 +351,8 @@ impl Worker {
             match vm.take_dirty() {
                 Ok(d) => words_per_region(d, regions),
                 Err(e) => {
-                    if we_paused {
-                        let _ = vm.resume();
-                    }
-                    return Err(End::lost(format!("the SVM's dirty log: {e}"), true));
+                    let _ = vm.resume(we_paused);
+                    return Err(End::refused(format!("the SVM's dirty log: {e}"), true));
                 }
             }
         };
@@ -349,9 +374,8 @@ impl Worker {
                 .map_err(|e| broken("starting the SVM's dirty log", e))?;
         }
         let t = Instant::now();
-        if !rec.pause_after && (first || we_paused) {
-            vm.resume().map_err(|e| broken("resuming the SVM", e))?;
-        }
+        vm.resume(!rec.pause_after && (first || we_paused))
+            .map_err(|e| broken("resuming the SVM", e))?;
         phases.insert("resume".to_string(), ms(t.elapsed()));
         let pause = t0.elapsed();
         let report = CheckpointReport {
@@ -378,7 +402,32 @@ impl Worker {
             self.observer.event("protected", serde_json::json!({}));
         }
         self.observer.event("checkpoint", event);
-        acked.map_err(|e| End::lost(e.to_string(), false))
+        acked.map_err(|e| End::stream(e, false))
+    }
+}
+
+/// Accepts the primary's heartbeat connection: the next one whose first frame is a beat
+/// (anything else connecting meanwhile is dropped).
+fn accept_heartbeat(listener: &TcpListener) -> Result<TcpStream, String> {
+    let deadline = Instant::now() + IO_TIMEOUT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        transport::wait_for_connection(listener.as_raw_fd(), left)
+            .map_err(|e| format!("the primary's heartbeat connection: {e}"))?;
+        let (s, from) = listener
+            .accept()
+            .map_err(|e| format!("accepting the heartbeat: {e}"))?;
+        let mut first = [0u8; crate::heartbeat::FRAME_LEN];
+        let beat = s
+            .set_read_timeout(Some(Duration::from_secs(1)))
+            .and_then(|()| std::io::Read::read_exact(&mut &s, &mut first))
+            .is_ok_and(|()| crate::heartbeat::is_beat(&first));
+        if beat {
+            s.set_nodelay(true)
+                .map_err(|e| format!("heartbeat socket: {e}"))?;
+            return Ok(s);
+        }
+        log::warn!("COLO: dropped a connection from {from} that is not the primary's heartbeat");
     }
 }
 

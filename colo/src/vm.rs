@@ -16,15 +16,16 @@ pub trait ProtectedVm: Send + Sync {
     fn stop_dirty_log(&self);
     /// Pages written since the last call or since logging started; clears the log.
     fn take_dirty(&self) -> Result<Vec<DirtyBitmap>, String>;
-    /// Pauses vCPUs and devices. `Ok(false)`: it was already paused (by the user), so the
-    /// checkpoint must not resume it.
+    /// Holds the VM for a checkpoint: pauses vCPUs and devices, and keeps the user from
+    /// pausing or resuming it until [`Self::resume`]. `Ok(false)`: it was already paused (by
+    /// the user), so the checkpoint must not run it afterwards.
     fn pause(&self) -> Result<bool, String>;
     /// The VM's state (vCPUs, devices), serialized; the VM is paused.
     fn save_state(&self) -> Result<Vec<u8>, String>;
     /// Loads state saved by the other side's `save_state`; the VM is paused.
     fn load_state(&self, state: Vec<u8>) -> Result<(), String>;
-    /// Resumes vCPUs and devices.
-    fn resume(&self) -> Result<(), String>;
+    /// Ends the checkpoint's hold; runs the VM again if `run`.
+    fn resume(&self, run: bool) -> Result<(), String>;
     /// Copies bytes into guest RAM without marking them dirty (the secondary's flush: these
     /// pages are the checkpoint, not the SVM's own writes).
     fn write_ram(&self, gpa: u64, data: &[u8]) -> Result<(), String>;

@@ -293,6 +293,9 @@ fn wait_readable(fd: RawFd, timeout: Duration) -> io::Result<()> {
     Ok(())
 }
 
+/// How long the first connection of a session may take to send its stream header.
+const HEADER_WAIT: Duration = Duration::from_secs(1);
+
 /// Accepts one transfer's channels on a TCP listener: waits up to `wait` for the first
 /// connection, learns the channel count from its stream header (peeked, so the receiver still
 /// reads it), then accepts the others within `timeout`. Every stream gets `timeout` on its
@@ -306,8 +309,11 @@ pub fn accept_session_tcp(
     wait_for_connection(listener.as_raw_fd(), wait)?;
     let (s, _) = listener.accept().map_err(io("accept"))?;
     s.set_nodelay(true).map_err(io("TCP_NODELAY"))?;
-    set_tcp_timeouts(&s, timeout).map_err(io("socket timeouts"))?;
+    // A connection that sends no header soon is not a source: do not let it hold the
+    // listener for a whole I/O timeout while the real one waits behind it.
+    set_tcp_timeouts(&s, timeout.min(HEADER_WAIT)).map_err(io("socket timeouts"))?;
     let channels = peek_channel_count(s.as_raw_fd())?;
+    set_tcp_timeouts(&s, timeout).map_err(io("socket timeouts"))?;
     let mut out: Vec<Box<dyn Transport>> = vec![Box::new(s)];
     if channels > 1 {
         out.extend(accept_tcp(listener, channels - 1, timeout)?);
@@ -324,8 +330,9 @@ pub fn accept_session_unix(
     let io = |what| move |source| TransportError::Io { what, source };
     wait_for_connection(listener.as_raw_fd(), wait)?;
     let (s, _) = listener.accept().map_err(io("accept"))?;
-    set_unix_timeouts(&s, timeout).map_err(io("socket timeouts"))?;
+    set_unix_timeouts(&s, timeout.min(HEADER_WAIT)).map_err(io("socket timeouts"))?;
     let channels = peek_channel_count(s.as_raw_fd())?;
+    set_unix_timeouts(&s, timeout).map_err(io("socket timeouts"))?;
     let mut out: Vec<Box<dyn Transport>> = vec![Box::new(s)];
     if channels > 1 {
         out.extend(accept_unix(listener, channels - 1, timeout)?);

@@ -16,14 +16,14 @@ use crate::memory::GuestMemory;
 
 /// What COLO asks of the control loop.
 pub enum ColoRequest {
-    /// Pause; `Ok(false)` if it was already paused.
+    /// Hold the VM for a checkpoint and pause it; `Ok(false)` if it was already paused.
     Pause(SyncSender<Result<bool, String>>),
     /// The paused VM's state, serialized.
     Save(SyncSender<Result<Vec<u8>, String>>),
     /// Load the other side's state into the paused VM.
     Load(Vec<u8>, SyncSender<Result<(), String>>),
-    /// Resume.
-    Resume(SyncSender<Result<(), String>>),
+    /// End the checkpoint's hold; run the VM if the flag says so.
+    Resume(bool, SyncSender<Result<(), String>>),
     /// Secondary: build the SVM for the primary's configuration (not running yet).
     CreateVm(Box<VmConfig>, SyncSender<Result<VmParts, String>>),
     /// Protection ended.
@@ -96,8 +96,8 @@ impl ProtectedVm for ColoVm {
         self.ask(|tx| ColoRequest::Load(state, tx))
     }
 
-    fn resume(&self) -> Result<(), String> {
-        self.ask(ColoRequest::Resume)
+    fn resume(&self, run: bool) -> Result<(), String> {
+        self.ask(|tx| ColoRequest::Resume(run, tx))
     }
 
     fn write_ram(&self, gpa: u64, data: &[u8]) -> Result<(), String> {

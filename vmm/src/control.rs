@@ -39,6 +39,8 @@ pub struct Vmm {
     pub(crate) colo: Option<colo::Protection>,
     /// The secondary's own serial setting (the SVM's console is local, not the primary's).
     pub(crate) local_serial: Option<crate::config::SerialConfig>,
+    /// A COLO checkpoint holds the VM (between its pause and its resume).
+    pub(crate) colo_hold: bool,
 }
 
 fn api_error(e: &VmError) -> ApiError {
@@ -79,6 +81,7 @@ impl Vmm {
             link_evt,
             colo: None,
             local_serial: None,
+            colo_hold: false,
         })
     }
 
@@ -155,8 +158,8 @@ impl Vmm {
             ApiRequest::VmInfo => self.vm().and_then(|vm| {
                 serde_json::to_value(vm.info()).map_err(|e| ApiError::from_error(500, &e))
             }),
-            ApiRequest::VmPause => done(self.pause_vm()),
-            ApiRequest::VmResume => done(self.resume_vm()),
+            ApiRequest::VmPause => done(self.check_not_held().and_then(|()| self.pause_vm())),
+            ApiRequest::VmResume => done(self.check_not_held().and_then(|()| self.resume_vm())),
             ApiRequest::VmShutdown => done(self.shutdown_vm()),
             ApiRequest::VmReboot => done(self.reboot()),
             ApiRequest::VmCounters => self.vm().map(|vm| vm.counters()),

@@ -107,6 +107,7 @@ impl Vmm {
     pub(crate) fn handle_colo(&mut self, req: ColoRequest) {
         match req {
             ColoRequest::Pause(reply) => {
+                self.colo_hold = true;
                 let r = self
                     .vm()
                     .map_err(|e| e.error)
@@ -132,11 +133,13 @@ impl Vmm {
                     });
                 let _ = reply.send(r);
             }
-            ColoRequest::Resume(reply) => {
-                let r = self
-                    .vm()
-                    .map_err(|e| e.error)
-                    .and_then(|vm| vm.resume().map_err(|e| e.to_string()));
+            ColoRequest::Resume(run, reply) => {
+                self.colo_hold = false;
+                let r = match self.vm() {
+                    Ok(vm) if run => vm.resume().map_err(|e| e.to_string()),
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(e.error),
+                };
                 let _ = reply.send(r);
             }
             ColoRequest::CreateVm(mut config, reply) => {
@@ -159,7 +162,20 @@ impl Vmm {
         }
     }
 
+    /// Refuses a user's pause or resume while a checkpoint holds the VM (its state is being
+    /// saved or loaded): checkpoints pause for milliseconds, so a retry succeeds.
+    pub(crate) fn check_not_held(&self) -> Result<(), ApiError> {
+        if self.colo_hold {
+            return Err(ApiError::new(
+                409,
+                "a COLO checkpoint holds the VM right now; retry",
+            ));
+        }
+        Ok(())
+    }
+
     fn colo_exited(&mut self, exit: colo::ColoExit) {
+        self.colo_hold = false;
         log::warn!(
             "COLO {} ended after {} checkpoints: {} ({:?})",
             exit.role.as_str(),
