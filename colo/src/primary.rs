@@ -240,18 +240,37 @@ impl Worker {
     fn connect(&self) -> Result<Sender, String> {
         let addr = resolve(&self.cfg.peer)?;
         let deadline = Instant::now() + CONNECT_PATIENCE;
-        let streams = loop {
-            match transport::connect_tcp(addr, self.cfg.channels, IO_TIMEOUT) {
-                Ok(s) => break s,
+        // The heartbeat first: the secondary takes a connection that opens with a beat as the
+        // start of a primary's session, then its checkpoint channels.
+        let (hb, streams) = loop {
+            let attempt = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
+                .and_then(|s| s.set_nodelay(true).map(|()| s))
+                .map_err(|e| e.to_string())
+                .and_then(|hb| {
+                    let beat = Heartbeat::start_with_grace(
+                        Box::new(hb.try_clone().map_err(|e| e.to_string())?),
+                        self.cfg.heartbeat_interval,
+                        self.cfg.heartbeat_timeout,
+                        IO_TIMEOUT,
+                        heartbeat_verdict(self.switch.clone()),
+                    )
+                    .map_err(|e| format!("starting the heartbeat: {e}"))?;
+                    let streams = transport::connect_tcp(addr, self.cfg.channels, IO_TIMEOUT)
+                        .map_err(|e| e.to_string())?;
+                    Ok((beat, streams))
+                });
+            match attempt {
+                Ok(pair) => break pair,
                 Err(e) if Instant::now() >= deadline => {
                     return Err(format!("cannot reach the secondary at {addr}: {e}"))
                 }
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
         };
+        self.switch.own_heartbeat(hb);
         let clones = clone_all(&streams)?;
         self.switch.guard_streams(clones);
-        let sender = Sender::new(
+        Sender::new(
             streams,
             new_session_id(),
             SenderOptions {
@@ -260,27 +279,7 @@ impl Worker {
                 ..SenderOptions::default()
             },
         )
-        .map_err(|e| e.to_string())?;
-        // After the channels, so the secondary tells them apart by order.
-        let hb = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
-            .and_then(|s| s.set_nodelay(true).map(|()| s))
-            .map_err(|e| format!("heartbeat connection to {addr}: {e}"))?;
-        let switch = self.switch.clone();
-        let hb = Heartbeat::start_with_grace(
-            Box::new(hb),
-            self.cfg.heartbeat_interval,
-            self.cfg.heartbeat_timeout,
-            IO_TIMEOUT,
-            move |why| match why {
-                LostReason::Farewell => {
-                    switch.throw(Cause::PeerLeft, "the secondary ended protection".into())
-                }
-                other => switch.throw(Cause::PeerLost, format!("secondary lost: {other}")),
-            },
-        )
-        .map_err(|e| format!("starting the heartbeat: {e}"))?;
-        self.switch.own_heartbeat(hb);
-        Ok(sender)
+        .map_err(|e| e.to_string())
     }
 
     /// Copies the whole VM while it runs, a few rounds of what it dirtied meanwhile, then the
@@ -452,6 +451,16 @@ impl Phases {
         let now = Instant::now();
         self.done.insert(name.to_string(), ms(now - self.last));
         self.last = now;
+    }
+}
+
+/// What the primary does with the heartbeat's news.
+fn heartbeat_verdict(switch: Arc<FailoverSwitch>) -> impl FnOnce(LostReason) + Send + 'static {
+    move |why| match why {
+        LostReason::Farewell => {
+            switch.throw(Cause::PeerLeft, "the secondary ended protection".into())
+        }
+        other => switch.throw(Cause::PeerLost, format!("secondary lost: {other}")),
     }
 }
 

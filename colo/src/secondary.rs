@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use migration::transport::{self, TransportError};
-use migration::{DirtyBitmap, Event, MemRange, Receiver, ReceiverOptions};
+use migration::{DirtyBitmap, Event, MemRange, Receiver, ReceiverOptions, StartInfo};
 
 use crate::heartbeat::{Heartbeat, LostReason};
 use crate::primary::{clone_all, IO_TIMEOUT, VERDICT_SLACK};
@@ -29,6 +29,8 @@ use crate::vm::{Observer, ProtectedVm, SecondaryHost};
 /// How long the checkpoint stream may stay silent between two checkpoints. The heartbeat,
 /// not this, notices a dead primary; this only bounds a primary that beats but never sends.
 const IDLE_LIMIT: Duration = Duration::from_secs(2 * 3600);
+/// How long a new connection may take to send its first beat.
+const FIRST_BEAT_WAIT: Duration = Duration::from_secs(1);
 /// Poll period while waiting for the primary (to notice an API failover meanwhile).
 const ACCEPT_POLL: Duration = Duration::from_millis(500);
 
@@ -167,11 +169,11 @@ impl Worker {
     }
 
     fn protect(&mut self, listener: &TcpListener, host: &mut dyn SecondaryHost) -> End {
-        let mut receiver = match self.accept(listener) {
+        let (mut receiver, start) = match self.accept(listener) {
             Ok(r) => r,
             Err(e) => return End::refused(e, false),
         };
-        let result = self.receive(&mut receiver, host);
+        let result = self.receive(&mut receiver, start, host);
         if let Err(end) = &result {
             if !end.peer_may_be_gone {
                 // This side's refusal is the cause, whatever the primary does about it.
@@ -184,30 +186,40 @@ impl Worker {
         }
     }
 
-    /// Waits for the primary's checkpoint channels, then its heartbeat connection.
-    fn accept(&mut self, listener: &TcpListener) -> Result<Receiver, String> {
-        let streams = loop {
+    /// Waits for a primary: a session counts once its heartbeat, its channels and a valid
+    /// Start message arrived; anything less is dropped and the secondary listens on.
+    fn accept(&mut self, listener: &TcpListener) -> Result<(Receiver, StartInfo), String> {
+        loop {
             if let Some(r) = self.switch.reason() {
                 return Err(r);
             }
-            match transport::accept_session_tcp(listener, ACCEPT_POLL, IO_TIMEOUT) {
-                Ok(s) => break s,
+            match transport::wait_for_connection(listener.as_raw_fd(), ACCEPT_POLL) {
                 Err(TransportError::NoPeer(_)) => continue,
-                Err(e) => {
-                    log::warn!("COLO: refused a connection: {e}");
-                    continue;
-                }
+                Err(e) => return Err(format!("waiting for the primary: {e}")),
+                Ok(()) => {}
             }
-        };
-        self.switch.guard_streams(clone_all(&streams)?);
-        {
-            let mut s = self.status.lock();
-            s.peer = Some(self.cfg.listen.clone());
-            s.channels = streams.len() as u32;
+            match self.session(listener) {
+                Ok(s) => return Ok(s),
+                Err(e) => log::warn!("COLO: refused a connection attempt: {e}"),
+            }
         }
-        let hb = accept_heartbeat(listener)?;
-        self.start_heartbeat(hb)?;
-        Receiver::new(
+    }
+
+    /// One connection attempt: the heartbeat, the channels, Start.
+    fn session(&mut self, listener: &TcpListener) -> Result<(Receiver, StartInfo), String> {
+        let (hb, from) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        let mut first = [0u8; crate::heartbeat::FRAME_LEN];
+        hb.set_read_timeout(Some(FIRST_BEAT_WAIT))
+            .and_then(|()| std::io::Read::read_exact(&mut &hb, &mut first))
+            .map_err(|e| format!("{from} sent no heartbeat: {e}"))?;
+        if !crate::heartbeat::is_beat(&first) {
+            return Err(format!("{from} did not open with a heartbeat"));
+        }
+        let streams = transport::accept_session_tcp(listener, IO_TIMEOUT, IO_TIMEOUT)
+            .map_err(|e| format!("the checkpoint channels after {from}'s heartbeat: {e}"))?;
+        let clones = clone_all(&streams)?;
+        let channels = streams.len() as u32;
+        let mut receiver = Receiver::new(
             streams,
             ReceiverOptions {
                 io_timeout: IO_TIMEOUT,
@@ -215,7 +227,24 @@ impl Worker {
                 ..ReceiverOptions::default()
             },
         )
-        .map_err(|e| e.to_string())
+        .map_err(|e| e.to_string())?;
+        let start = match receiver.recv_start() {
+            Ok(s) => s,
+            Err(e) => {
+                receiver.reject(&e.to_string());
+                return Err(format!("{from}: {e}"));
+            }
+        };
+        hb.set_nodelay(true)
+            .map_err(|e| format!("heartbeat socket: {e}"))?;
+        self.switch.guard_streams(clones);
+        self.start_heartbeat(hb)?;
+        {
+            let mut s = self.status.lock();
+            s.peer = Some(format!("{} (primary {from})", self.cfg.listen));
+            s.channels = channels;
+        }
+        Ok((receiver, start))
     }
 
     fn start_heartbeat(&self, hb: TcpStream) -> Result<(), String> {
@@ -242,10 +271,10 @@ impl Worker {
     fn receive(
         &mut self,
         receiver: &mut Receiver,
+        start: StartInfo,
         host: &mut dyn SecondaryHost,
     ) -> Result<End, End> {
         let fail = End::stream;
-        let start = receiver.recv_start().map_err(|e| fail(e, false))?;
         let regions: Vec<MemRange> = start.layout.regions().to_vec();
         let vm = host
             .create_vm(&start.config_json, start.vcpus, &regions)
@@ -403,31 +432,6 @@ impl Worker {
         }
         self.observer.event("checkpoint", event);
         acked.map_err(|e| End::stream(e, false))
-    }
-}
-
-/// Accepts the primary's heartbeat connection: the next one whose first frame is a beat
-/// (anything else connecting meanwhile is dropped).
-fn accept_heartbeat(listener: &TcpListener) -> Result<TcpStream, String> {
-    let deadline = Instant::now() + IO_TIMEOUT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        transport::wait_for_connection(listener.as_raw_fd(), left)
-            .map_err(|e| format!("the primary's heartbeat connection: {e}"))?;
-        let (s, from) = listener
-            .accept()
-            .map_err(|e| format!("accepting the heartbeat: {e}"))?;
-        let mut first = [0u8; crate::heartbeat::FRAME_LEN];
-        let beat = s
-            .set_read_timeout(Some(Duration::from_secs(1)))
-            .and_then(|()| std::io::Read::read_exact(&mut &s, &mut first))
-            .is_ok_and(|()| crate::heartbeat::is_beat(&first));
-        if beat {
-            s.set_nodelay(true)
-                .map_err(|e| format!("heartbeat socket: {e}"))?;
-            return Ok(s);
-        }
-        log::warn!("COLO: dropped a connection from {from} that is not the primary's heartbeat");
     }
 }
 

@@ -655,7 +655,7 @@ impl ProxyShared {
 }
 
 /// Forwards every connection made to `addr` to the target, in the order they arrive (the
-/// secondary tells the heartbeat from the channels by order).
+/// primary opens its heartbeat first, then the channels in order).
 pub struct Proxy {
     pub addr: SocketAddr,
     shared: Arc<ProxyShared>,
@@ -800,8 +800,9 @@ fn accept_loop(listener: TcpListener, sh: Arc<ProxyShared>) {
 /// to secondary direction, where the byte limits and the State actions apply.
 fn pump(sh: Arc<ProxyShared>, mut src: TcpStream, mut dst: TcpStream, down: bool, idx: usize) {
     let mut buf = vec![0u8; 64 * 1024];
-    // Connection 0 is checkpoint channel 0: State messages travel there.
-    let mut parser = (down && idx == 0).then(FrameParser::default);
+    // Connection 0 is the heartbeat (the primary opens it first), connection 1 checkpoint
+    // channel 0: State messages travel there.
+    let mut parser = (down && idx == 1).then(FrameParser::default);
     loop {
         if sh.stop.load(Ordering::SeqCst) || sh.cut.load(Ordering::SeqCst) {
             return;
