@@ -82,11 +82,25 @@ impl Mapping {
             return Err(CacheError::Map(len));
         }
         // SAFETY: advice on the mapping just created, over its exact length.
-        unsafe {
-            libc::madvise(ptr, size, libc::MADV_HUGEPAGE);
-            if libc::madvise(ptr, size, libc::MADV_POPULATE_WRITE) != 0 {
+        unsafe { libc::madvise(ptr, size, libc::MADV_HUGEPAGE) };
+        // In 64 MiB steps, so the memory-map lock is released between them (other threads,
+        // the heartbeat's among them, fault and spawn meanwhile).
+        let mut off = 0;
+        while off < size {
+            let n = (64usize << 20).min(size - off);
+            // SAFETY: advice on a part of the mapping just created.
+            let r = unsafe {
+                libc::madvise(
+                    ptr.cast::<u8>().add(off).cast(),
+                    n,
+                    libc::MADV_POPULATE_WRITE,
+                )
+            };
+            if r != 0 {
                 log::debug!("RAM cache prefault: {}", std::io::Error::last_os_error());
+                break;
             }
+            off += n;
         }
         Ok(Self {
             ptr: ptr.cast(),
