@@ -133,10 +133,15 @@ impl Worker {
         }
         // The first cause wins; a failure here means this side ends protection.
         self.switch.throw(Cause::Failed, end.reason.clone());
-        let (cause, reason) = self
-            .switch
-            .cause()
-            .unwrap_or((Cause::Failed, end.reason.clone()));
+        let (cause, reason) = match self.switch.cause() {
+            // The primary ended protection because this side refused its checkpoint (its
+            // farewell can overtake the worker): the refusal is the cause.
+            Some((Cause::PeerLeft, _)) if !end.peer_may_be_gone => {
+                (Cause::Failed, end.reason.clone())
+            }
+            Some(c) => c,
+            None => (Cause::Failed, end.reason.clone()),
+        };
         // The SVM takes over only from a complete checkpoint, and only when the primary is
         // gone or the user asked: otherwise the primary's VM runs on and this one must not.
         let take_over = !end.unusable
@@ -330,7 +335,10 @@ impl Worker {
                         Cause::PeerLeft,
                         format!("the primary ended protection: {why}"),
                     );
-                    return Ok(End::refused(why, pending.is_some()));
+                    return Ok(End::refused(
+                        format!("the primary ended protection: {why}"),
+                        pending.is_some(),
+                    ));
                 }
             }
         }
