@@ -8,6 +8,7 @@
 //! pause/resume and the saved state as opaque bytes — so all of it runs without KVM in tests.
 //! `docs/colo.md` has the protocol and its sequence diagram.
 
+pub mod auth;
 pub mod heartbeat;
 pub mod primary;
 pub mod protection;
