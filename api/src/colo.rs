@@ -8,6 +8,8 @@
 //! - `checkpoint_interval_ms` 10..=3600000 (default 500), `channels` 1..=16 (default 1),
 //!   `heartbeat_interval_ms` 10..=10000 (default 100), `heartbeat_timeout_ms` 50..=60000
 //!   (default 1000) and at least twice the heartbeat interval (defaults included).
+//! - `key_file`, when given, is a non-empty path: the pre-shared key both sides authenticate
+//!   every connection with (the file itself is read and checked when COLO starts).
 
 use std::fmt;
 use std::ops::RangeInclusive;
@@ -47,6 +49,7 @@ const KEYS: &[(&str, &str)] = &[
     ("channels", "channels"),
     ("heartbeat-interval", "heartbeat_interval_ms"),
     ("heartbeat-timeout", "heartbeat_timeout_ms"),
+    ("key-file", "key_file"),
 ];
 const CLI_KEYS: &[&str] = &[
     "role",
@@ -56,6 +59,7 @@ const CLI_KEYS: &[&str] = &[
     "channels",
     "heartbeat-interval",
     "heartbeat-timeout",
+    "key-file",
 ];
 
 /// Which side of a COLO pair this VMM is.
@@ -108,6 +112,10 @@ pub struct ColoConfig {
     /// Silence after which the peer is declared dead, in ms (default 1000).
     #[serde(default)]
     pub heartbeat_timeout_ms: Option<u64>,
+    /// A file holding the pre-shared key both sides authenticate their connections with
+    /// (hex, at least 16 bytes, or a passphrase of at least 20 characters; mode 0600).
+    #[serde(default)]
+    pub key_file: Option<String>,
 }
 
 impl ColoConfig {
@@ -162,6 +170,7 @@ impl ColoConfig {
             channels,
             heartbeat_interval_ms: ms("heartbeat-interval")?,
             heartbeat_timeout_ms: ms("heartbeat-timeout")?,
+            key_file: kv.get("key-file").cloned(),
         };
         config.validate().map_err(|e| config.cli_error(e))?;
         Ok(config)
@@ -214,6 +223,12 @@ impl ColoConfig {
             self.heartbeat_timeout_ms,
             &HEARTBEAT_TIMEOUT_MS,
         )?;
+        if self.key_file.as_deref().is_some_and(str::is_empty) {
+            return Err(ValidationError::Field {
+                field: "key_file",
+                why: "must be a path".into(),
+            });
+        }
         let interval = self
             .heartbeat_interval_ms
             .unwrap_or(DEFAULT_HEARTBEAT_INTERVAL_MS);
@@ -287,6 +302,7 @@ impl ColoConfig {
             "channels" => n(self.channels.map(u64::from)),
             "heartbeat_interval_ms" => n(self.heartbeat_interval_ms),
             "heartbeat_timeout_ms" => n(self.heartbeat_timeout_ms),
+            "key_file" => self.key_file.clone(),
             _ => Some(self.role.to_string()),
         }
     }
@@ -411,6 +427,7 @@ mod tests {
             channels: None,
             heartbeat_interval_ms: None,
             heartbeat_timeout_ms: None,
+            key_file: None,
         }
     }
 
@@ -431,6 +448,7 @@ mod tests {
                 channels: Some(4),
                 heartbeat_interval_ms: Some(100),
                 heartbeat_timeout_ms: Some(1000),
+                key_file: None,
             }
         );
         assert_eq!(c.checkpoint_interval(), Duration::from_millis(600));

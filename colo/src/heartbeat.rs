@@ -160,6 +160,13 @@ impl Heartbeat {
                             }
                         }
                         Ok(()) if beat[..2] == FAREWELL => return r_lost(LostReason::Farewell),
+                        Ok(()) if beat == crate::auth::MAGIC => {
+                            return r_lost(LostReason::Broken(
+                                "the peer authenticates with a pre-shared key and this side \
+                                 has none (key-file)"
+                                    .into(),
+                            ))
+                        }
                         Ok(()) => return r_lost(LostReason::Broken("not a heartbeat".into())),
                         Err(e) if r_stop.load(Ordering::SeqCst) => {
                             log::debug!("heartbeat reader stopping: {e}");

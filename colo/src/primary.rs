@@ -11,11 +11,12 @@ use std::sync::mpsc::{Receiver as MpscReceiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use migration::transport::{self, Transport};
+use migration::transport::{self, set_tcp_timeouts, Transport};
 use migration::{
     new_session_id, DirtyBitmap, MemRange, MemoryLayout, Sender, SenderOptions, StartInfo,
 };
 
+use crate::auth::{self, Psk};
 use crate::heartbeat::{Heartbeat, LostReason};
 use crate::protection::{peer_may_be_gone, Cause, Command, FailoverSwitch, Protection};
 use crate::record::{Reason, Record};
@@ -31,6 +32,10 @@ pub const IO_TIMEOUT: Duration = Duration::from_secs(10);
 const CONNECT_PATIENCE: Duration = Duration::from_secs(10);
 /// The initial sync stops iterating once this little is left for the first checkpoint.
 const SYNC_SMALL_ENOUGH: u64 = 32 << 20;
+/// The authentication purpose of the heartbeat connection.
+pub const HEARTBEAT_PURPOSE: &str = "heartbeat";
+/// The authentication purpose of every checkpoint channel.
+pub const CHECKPOINT_PURPOSE: &str = "checkpoint";
 /// How long to wait for the heartbeat's verdict beyond its timeout, after a stream broke.
 pub const VERDICT_SLACK: Duration = Duration::from_millis(500);
 /// ... or after this many rounds (a guest that dirties faster than the link).
@@ -53,6 +58,8 @@ pub struct PrimaryConfig {
     pub config_json: String,
     /// vCPUs.
     pub vcpus: u32,
+    /// The pre-shared key every connection is authenticated with, if one was given.
+    pub psk: Option<Arc<Psk>>,
 }
 
 /// Starts protecting `vm`: a worker thread connects, syncs and checkpoints.
@@ -243,10 +250,26 @@ impl Worker {
         // The heartbeat first: the secondary takes a connection that opens with a beat as the
         // start of a primary's session, then its checkpoint channels.
         let (hb, streams) = loop {
-            let attempt = TcpStream::connect_timeout(&addr, IO_TIMEOUT)
-                .and_then(|s| s.set_nodelay(true).map(|()| s))
+            // Only a secondary that is not listening yet is worth waiting for.
+            let mut hb = match TcpStream::connect_timeout(&addr, IO_TIMEOUT) {
+                Ok(s) => s,
+                Err(e) if Instant::now() >= deadline => {
+                    return Err(format!("cannot reach the secondary at {addr}: {e}"))
+                }
+                Err(_) => {
+                    std::thread::sleep(Duration::from_millis(100));
+                    continue;
+                }
+            };
+            if let Some(psk) = &self.cfg.psk {
+                set_tcp_timeouts(&hb, IO_TIMEOUT).map_err(|e| e.to_string())?;
+                auth::authenticate(&mut hb, psk, Role::Primary, HEARTBEAT_PURPOSE)
+                    .map_err(|e| format!("authenticating to the secondary at {addr}: {e}"))?;
+            }
+            let attempt = hb
+                .set_nodelay(true)
                 .map_err(|e| e.to_string())
-                .and_then(|hb| {
+                .and_then(|()| {
                     let beat = Heartbeat::start_with_grace(
                         Box::new(hb.try_clone().map_err(|e| e.to_string())?),
                         self.cfg.heartbeat_interval,
@@ -270,13 +293,20 @@ impl Worker {
         self.switch.own_heartbeat(hb);
         let clones = clone_all(&streams)?;
         self.switch.guard_streams(clones);
-        Sender::new(
+        let psk = self.cfg.psk.clone();
+        Sender::with_setup(
             streams,
             new_session_id(),
             SenderOptions {
                 io_timeout: IO_TIMEOUT,
                 ack_timeout: IO_TIMEOUT * 3,
                 ..SenderOptions::default()
+            },
+            &mut |_, stream| match &psk {
+                Some(psk) => auth::authenticate(stream, psk, Role::Primary, CHECKPOINT_PURPOSE)
+                    .map(|_| ())
+                    .map_err(|e| format!("authentication: {e}")),
+                None => Ok(()),
             },
         )
         .map_err(|e| e.to_string())

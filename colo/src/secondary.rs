@@ -16,8 +16,9 @@ use std::time::{Duration, Instant};
 use migration::transport::{self, TransportError};
 use migration::{DirtyBitmap, Event, MemRange, Receiver, ReceiverOptions, StartInfo};
 
+use crate::auth::{self, Psk};
 use crate::heartbeat::{Heartbeat, LostReason};
-use crate::primary::{clone_all, IO_TIMEOUT, VERDICT_SLACK};
+use crate::primary::{clone_all, CHECKPOINT_PURPOSE, HEARTBEAT_PURPOSE, IO_TIMEOUT, VERDICT_SLACK};
 use crate::protection::{peer_may_be_gone, Cause, FailoverSwitch, Protection};
 use crate::ram_cache::{RamCache, PAGE_SIZE};
 use crate::record::{self, Reason};
@@ -43,6 +44,8 @@ pub struct SecondaryConfig {
     pub heartbeat_interval: Duration,
     /// Silence after which the primary counts as lost.
     pub heartbeat_timeout: Duration,
+    /// The pre-shared key every connection must authenticate with, if one was given.
+    pub psk: Option<Arc<Psk>>,
 }
 
 /// Starts waiting for a primary on `listener`.
@@ -212,7 +215,20 @@ impl Worker {
 
     /// One connection attempt: the heartbeat, the channels, Start.
     fn session(&mut self, listener: &TcpListener) -> Result<(Receiver, StartInfo), String> {
-        let (hb, from) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        let (mut hb, from) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+        let psk = self.cfg.psk.clone();
+        if let Some(psk) = &psk {
+            transport::set_tcp_timeouts(&hb, FIRST_BEAT_WAIT)
+                .map_err(|e| format!("heartbeat socket: {e}"))?;
+            auth::authenticate_within(
+                &mut hb,
+                psk,
+                Role::Secondary,
+                HEARTBEAT_PURPOSE,
+                FIRST_BEAT_WAIT,
+            )
+            .map_err(|e| format!("{from} did not authenticate: {e}"))?;
+        }
         let mut first = [0u8; crate::heartbeat::FRAME_LEN];
         hb.set_read_timeout(Some(FIRST_BEAT_WAIT))
             .and_then(|()| std::io::Read::read_exact(&mut &hb, &mut first))
@@ -220,7 +236,21 @@ impl Worker {
         if !crate::heartbeat::is_beat(&first) {
             return Err(format!("{from} did not open with a heartbeat"));
         }
-        let streams = transport::accept_session_tcp(listener, IO_TIMEOUT, IO_TIMEOUT)
+        let streams =
+            transport::accept_session_tcp_with(listener, IO_TIMEOUT, IO_TIMEOUT, &mut |stream| {
+                match &psk {
+                    Some(psk) => auth::authenticate_within(
+                        stream,
+                        psk,
+                        Role::Secondary,
+                        CHECKPOINT_PURPOSE,
+                        FIRST_BEAT_WAIT,
+                    )
+                    .map(|_| ())
+                    .map_err(|e| format!("a checkpoint channel did not authenticate: {e}")),
+                    None => Ok(()),
+                }
+            })
             .map_err(|e| format!("the checkpoint channels after {from}'s heartbeat: {e}"))?;
         let clones = clone_all(&streams)?;
         let channels = streams.len() as u32;

@@ -628,3 +628,49 @@ fn refused_checkpoint_stops_the_svm() {
         "the secondary refused a checkpoint of a live primary and still runs its SVM: {sexit:?}"
     );
 }
+
+fn key(text: &str) -> Option<std::sync::Arc<colo::auth::Psk>> {
+    Some(std::sync::Arc::new(colo::auth::Psk::parse(text).unwrap()))
+}
+
+/// With a pre-shared key on both sides the pair is protected; a primary with no key or the
+/// wrong one is refused, and the secondary keeps waiting for the right one.
+#[test]
+fn only_a_primary_with_the_key_is_protected() {
+    let good = "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff";
+    let config = config_json(&mut Rng::seeded());
+    SECONDARY_PSK.with(|k| *k.borrow_mut() = key(good));
+    let s = start_secondary_side(&config, true, false);
+
+    for (what, psk) in [
+        ("no key", None),
+        ("the wrong key", key("ffeeddccbbaa99887766554433221100")),
+    ] {
+        PRIMARY_PSK.with(|k| *k.borrow_mut() = psk);
+        let p = start_primary_side(s.addr, &config, 2, Duration::from_millis(50), false);
+        let (exit, _) = p
+            .obs
+            .wait_exit(Duration::from_secs(15))
+            .unwrap_or_else(|| panic!("a primary with {what} was not refused"));
+        assert!(p.obs.events("protected").is_empty(), "{what}");
+        assert_eq!(exit.after_checkpoints, 0, "{what}: {exit:?}");
+        assert!(s.protection.active(), "{what}: the secondary gave up");
+        assert_eq!(s.protection.status().state, ColoState::Syncing, "{what}");
+        assert_eq!(
+            s.host.calls.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "{what}: an unauthenticated primary got an SVM built"
+        );
+    }
+
+    PRIMARY_PSK.with(|k| *k.borrow_mut() = key(good));
+    let p = start_primary_side(s.addr, &config, 2, Duration::from_millis(50), false);
+    assert!(
+        p.obs.wait_event(WAIT, |e| e.name == "protected").is_some(),
+        "the primary with the key was not protected: {:?}",
+        p.obs.exit()
+    );
+    assert!(p.obs.wait_event(WAIT, |e| e.name == "checkpoint").is_some());
+    let _ = p.protection.failover();
+    let _ = s.protection.failover();
+}

@@ -64,6 +64,14 @@ pub enum ChannelError {
     /// Options that cannot work.
     #[error("invalid migration options: {0}")]
     Options(&'static str),
+    /// Setting a stream up before its header failed (authentication, say).
+    #[error("migration channel {channel}: {why}")]
+    Setup {
+        /// Channel index.
+        channel: u16,
+        /// Why.
+        why: String,
+    },
     /// The destination sent an Error.
     #[error("the destination failed: {0}")]
     Remote(String),
@@ -223,6 +231,9 @@ pub struct RoundStats {
     pub duration: Duration,
 }
 
+/// What [`Sender::with_setup`] runs on each stream (by channel index) before its header.
+pub type StreamSetup<'a> = &'a mut dyn FnMut(u16, &mut Box<dyn Transport>) -> Result<(), String>;
+
 /// The sending end of a transfer.
 pub struct Sender {
     writers: Vec<StreamWriter<Box<dyn Transport>>>,
@@ -244,13 +255,26 @@ impl Sender {
         session: u64,
         opts: SenderOptions,
     ) -> Result<Self, ChannelError> {
+        Self::with_setup(streams, session, opts, &mut |_, _| Ok(()))
+    }
+
+    /// Like [`Self::new`], running `setup` on each stream, in channel order, just before its
+    /// header goes out (an authentication handshake, say: the receiver reads a channel's
+    /// header right after setting it up, so the next channel's setup must wait for it).
+    pub fn with_setup(
+        streams: Vec<Box<dyn Transport>>,
+        session: u64,
+        opts: SenderOptions,
+        setup: StreamSetup<'_>,
+    ) -> Result<Self, ChannelError> {
         opts.validate()?;
         let count = channel_count(streams.len())?;
         let mut writers = Vec::with_capacity(streams.len());
         let mut handles = Vec::with_capacity(streams.len());
-        for (ch, s) in (0..count).zip(streams) {
+        for (ch, mut s) in (0..count).zip(streams) {
             s.set_io_timeout(opts.io_timeout)
                 .map_err(io_call(ch, "set timeouts"))?;
+            setup(ch, &mut s).map_err(|why| ChannelError::Setup { channel: ch, why })?;
             handles.push(s.try_clone_transport().map_err(io_call(ch, "dup"))?);
             let mut w = StreamWriter::new(s, opts.limits);
             w.write_header(&StreamHeader::new(ch, count, session))

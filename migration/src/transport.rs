@@ -28,6 +28,9 @@ pub enum TransportError {
         /// Connections needed.
         wanted: usize,
     },
+    /// Preparing an accepted stream failed (its authentication, say).
+    #[error("{0}")]
+    Prepare(String),
     /// Nobody connected before the deadline.
     #[error("no source connected within {} s", .0.as_secs())]
     NoPeer(Duration),
@@ -178,16 +181,30 @@ pub fn accept_tcp(
     channels: u16,
     timeout: Duration,
 ) -> Result<Vec<Box<dyn Transport>>, TransportError> {
+    accept_tcp_with(listener, channels, timeout, &mut |_| Ok(()))
+}
+
+/// How a receiver prepares each accepted TCP stream before reading from it (authenticate it).
+pub type Prepare<'a> = &'a mut dyn FnMut(&mut TcpStream) -> Result<(), String>;
+
+/// [`accept_tcp`], running `prepare` on each stream as it is accepted.
+pub fn accept_tcp_with(
+    listener: &TcpListener,
+    channels: u16,
+    timeout: Duration,
+    prepare: Prepare<'_>,
+) -> Result<Vec<Box<dyn Transport>>, TransportError> {
     accept_on(
         listener.as_raw_fd(),
         |nb| listener.set_nonblocking(nb),
         channels,
         timeout,
         || {
-            let (s, _) = listener.accept()?;
+            let (mut s, _) = listener.accept()?;
             s.set_nonblocking(false)?;
             s.set_nodelay(true)?;
             set_tcp_timeouts(&s, timeout)?;
+            prepare(&mut s).map_err(io::Error::other)?;
             Ok(Box::new(s) as Box<dyn Transport>)
         },
     )
@@ -305,10 +322,22 @@ pub fn accept_session_tcp(
     wait: Duration,
     timeout: Duration,
 ) -> Result<Vec<Box<dyn Transport>>, TransportError> {
+    accept_session_tcp_with(listener, wait, timeout, &mut |_| Ok(()))
+}
+
+/// [`accept_session_tcp`], running `prepare` on each stream before its header is read.
+pub fn accept_session_tcp_with(
+    listener: &TcpListener,
+    wait: Duration,
+    timeout: Duration,
+    prepare: Prepare<'_>,
+) -> Result<Vec<Box<dyn Transport>>, TransportError> {
     let io = |what| move |source| TransportError::Io { what, source };
     wait_for_connection(listener.as_raw_fd(), wait)?;
-    let (s, _) = listener.accept().map_err(io("accept"))?;
+    let (mut s, _) = listener.accept().map_err(io("accept"))?;
     s.set_nodelay(true).map_err(io("TCP_NODELAY"))?;
+    set_tcp_timeouts(&s, timeout).map_err(io("socket timeouts"))?;
+    prepare(&mut s).map_err(TransportError::Prepare)?;
     // A connection that sends no header soon is not a source: do not let it hold the
     // listener for a whole I/O timeout while the real one waits behind it.
     set_tcp_timeouts(&s, timeout.min(HEADER_WAIT)).map_err(io("socket timeouts"))?;
@@ -316,7 +345,7 @@ pub fn accept_session_tcp(
     set_tcp_timeouts(&s, timeout).map_err(io("socket timeouts"))?;
     let mut out: Vec<Box<dyn Transport>> = vec![Box::new(s)];
     if channels > 1 {
-        out.extend(accept_tcp(listener, channels - 1, timeout)?);
+        out.extend(accept_tcp_with(listener, channels - 1, timeout, prepare)?);
     }
     Ok(out)
 }

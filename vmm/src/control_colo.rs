@@ -38,6 +38,12 @@ impl Vmm {
             link: self.link.clone(),
         });
         let address = cfg.address().unwrap_or_default().to_string();
+        let psk = cfg
+            .key_file
+            .as_deref()
+            .map(|f| colo::auth::Psk::from_file(std::path::Path::new(f)).map(Arc::new))
+            .transpose()
+            .map_err(|e| ApiError::new(400, format!("COLO key file: {e}")))?;
         let protection = match cfg.role {
             ColoRole::Primary => {
                 let vm = self.vm()?;
@@ -65,6 +71,7 @@ impl Vmm {
                     config_json: serde_json::to_string(vm.config())
                         .map_err(|e| ApiError::from_error(500, &e))?,
                     vcpus: vm.config().cpus.boot.into(),
+                    psk,
                 };
                 let pvm = Arc::new(ColoVm::new(parts_of(vm), self.link.clone()));
                 colo::start_primary(pvm, pcfg, observer)
@@ -86,6 +93,7 @@ impl Vmm {
                     listen: address.clone(),
                     heartbeat_interval: cfg.heartbeat_interval(),
                     heartbeat_timeout: cfg.heartbeat_timeout(),
+                    psk,
                 };
                 let host = Box::new(ColoSecondaryHost {
                     link: self.link.clone(),
@@ -98,7 +106,11 @@ impl Vmm {
         self.events.emit(
             "colo",
             "started",
-            serde_json::json!({"role": cfg.role.as_str(), "address": address}),
+            serde_json::json!({
+                "role": cfg.role.as_str(),
+                "address": address,
+                "authenticated": cfg.key_file.is_some(),
+            }),
         );
         Ok(())
     }

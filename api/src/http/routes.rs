@@ -589,6 +589,7 @@ mod tests {
                 channels: None,
                 heartbeat_interval_ms: None,
                 heartbeat_timeout_ms: None,
+                key_file: None,
             })
         );
         assert!(matches!(

@@ -995,6 +995,15 @@ pub fn config_json(rng: &mut Rng) -> String {
     )
 }
 
+thread_local! {
+    /// The key the next primary started on this thread authenticates with (none: no key).
+    pub static PRIMARY_PSK: std::cell::RefCell<Option<Arc<colo::auth::Psk>>> =
+        const { std::cell::RefCell::new(None) };
+    /// The key the next secondary started on this thread expects (none: no key).
+    pub static SECONDARY_PSK: std::cell::RefCell<Option<Arc<colo::auth::Psk>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
 /// A secondary listening on a free loopback port, expecting `config`.
 pub fn start_secondary_side(config: &str, svm_mutates: bool, hold: bool) -> SecondarySide {
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -1008,6 +1017,7 @@ pub fn start_secondary_side(config: &str, svm_mutates: bool, hold: bool) -> Seco
             listen: addr.to_string(),
             heartbeat_interval: HB_INTERVAL,
             heartbeat_timeout: HB_TIMEOUT,
+            psk: SECONDARY_PSK.with(|k| k.borrow().clone()),
         },
         Box::new(MockHost {
             expected_config: config.into(),
@@ -1058,6 +1068,7 @@ pub fn start_primary_side(
             heartbeat_timeout: HB_TIMEOUT,
             config_json: config.into(),
             vcpus: 2,
+            psk: PRIMARY_PSK.with(|k| k.borrow().clone()),
         },
         obs.clone(),
     )
