@@ -100,6 +100,39 @@ pub struct Heartbeat {
     link: Box<dyn Link>,
     writer: Arc<Mutex<Box<dyn Link>>>,
     threads: Vec<JoinHandle<()>>,
+    seen: LastSeen,
+}
+
+/// When the peer's last beat arrived (shared with the status).
+#[derive(Clone, Debug, Default)]
+pub struct LastSeen(Arc<std::sync::atomic::AtomicU64>);
+
+/// Two handles are equal when they watch the same heartbeat.
+impl PartialEq for LastSeen {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
+impl LastSeen {
+    fn mark(&self) {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.0.store(now, Ordering::Relaxed);
+    }
+
+    /// Milliseconds since the last beat, if one arrived.
+    pub fn ms_ago(&self) -> Option<f64> {
+        let at = self.0.load(Ordering::Relaxed);
+        if at == 0 {
+            return None;
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        Some(now.saturating_sub(at) as f64)
+    }
 }
 
 type OnLost = Box<dyn FnOnce(LostReason) + Send>;
@@ -141,6 +174,8 @@ impl Heartbeat {
         };
         let mut reader = link.duplicate()?;
         reader.read_timeout(grace.max(timeout))?;
+        let seen = LastSeen::default();
+        let r_seen = seen.clone();
         let writer = Arc::new(Mutex::new(link.duplicate()?));
         let w = writer.clone();
         let r_lost = lost.clone();
@@ -153,6 +188,7 @@ impl Heartbeat {
                 loop {
                     match reader.read_exact(&mut beat) {
                         Ok(()) if beat[..2] == MAGIC => {
+                            r_seen.mark();
                             if std::mem::take(&mut first) && grace > timeout {
                                 if let Err(e) = reader.read_timeout(timeout) {
                                     return r_lost(LostReason::Broken(e.to_string()));
@@ -205,6 +241,7 @@ impl Heartbeat {
                 }
             })?;
         Ok(Heartbeat {
+            seen,
             stop,
             link,
             writer,
@@ -214,6 +251,11 @@ impl Heartbeat {
 
     /// Stops beating and watching (protection ended on purpose).
     pub fn stop(self) {}
+
+    /// When the peer last beat.
+    pub fn last_seen(&self) -> LastSeen {
+        self.seen.clone()
+    }
 
     /// Tells the peer this side ends protection on purpose, then stops (best effort: a dead
     /// peer hears nothing).

@@ -290,6 +290,7 @@ impl Worker {
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
         };
+        self.status.lock().watch_heartbeat(hb.last_seen());
         self.switch.own_heartbeat(hb);
         let clones = clone_all(&streams)?;
         self.switch.guard_streams(clones);

@@ -297,6 +297,7 @@ impl Worker {
             },
         )
         .map_err(|e| format!("starting the heartbeat: {e}"))?;
+        self.status.lock().watch_heartbeat(hb.last_seen());
         self.switch.own_heartbeat(hb);
         Ok(())
     }

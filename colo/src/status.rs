@@ -109,6 +109,8 @@ pub struct HeartbeatStatus {
     pub interval_ms: u64,
     /// Silence that means the peer is lost.
     pub timeout_ms: u64,
+    /// Milliseconds since the peer's last beat (none yet: null).
+    pub last_seen_ms_ago: Option<f64>,
 }
 
 /// The status document.
@@ -152,6 +154,8 @@ pub struct ColoStatus {
     totals: Totals,
     #[serde(skip)]
     protected_since: Option<Instant>,
+    #[serde(skip)]
+    seen: Option<crate::heartbeat::LastSeen>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -185,7 +189,13 @@ impl ColoStatus {
             pauses: VecDeque::new(),
             totals: Totals::default(),
             protected_since: None,
+            seen: None,
         }
+    }
+
+    /// Reports the peer's heartbeat from now on.
+    pub fn watch_heartbeat(&mut self, seen: crate::heartbeat::LastSeen) {
+        self.seen = Some(seen);
     }
 
     /// Records a complete checkpoint and its pause.
@@ -220,6 +230,9 @@ impl ColoStatus {
     pub fn snapshot(&self) -> ColoStatus {
         let mut s = self.clone();
         s.protected_ms = self.protected_since.map(|t| t.elapsed().as_millis() as u64);
+        if self.exit.is_none() {
+            s.heartbeat.last_seen_ms_ago = self.seen.as_ref().and_then(|l| l.ms_ago());
+        }
         s
     }
 }

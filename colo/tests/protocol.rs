@@ -117,6 +117,14 @@ fn statuses_and_events() {
     assert!(wait_until(WAIT, || pair.s.protection.status().checkpoints >= 4));
     let p = pair.p.protection.status();
     let s = pair.s.protection.status();
+    // Both sides hear the other's beats (every 20 ms here).
+    for (side, st) in [("primary", &p), ("secondary", &s)] {
+        let ago = st.heartbeat.last_seen_ms_ago;
+        assert!(
+            ago.is_some_and(|ms| ms < HB_TIMEOUT.as_millis() as f64),
+            "{side}: last beat {ago:?} ms ago"
+        );
+    }
 
     assert_eq!(p.role, Role::Primary);
     assert!(matches!(
