@@ -12,6 +12,7 @@ pub mod auth;
 pub mod heartbeat;
 pub mod primary;
 pub mod protection;
+pub mod proxy;
 pub mod ram_cache;
 pub mod record;
 pub mod secondary;

@@ -1,0 +1,19 @@
+//! The COLO network proxy: the primary's output goes to clients only once the secondary
+//! produced the same.
+//!
+//! On the primary every frame the PVM sends is held, the frames the SVM sends come back from
+//! the secondary, and the two are compared per connection; a matched PVM frame goes to the tap,
+//! a difference (or a frame that waits too long) asks for a checkpoint, after which everything
+//! held goes out. The pieces here are pure logic — no sockets, no KVM — and plug into the
+//! virtio-net filter chain (`devices::virtio::net::filter`) through a filter that feeds them.
+//!
+//! - [`packet`]: zero-copy parsing of Ethernet frames (VLAN tags, IPv4/IPv6 with extension
+//!   headers and fragments, TCP/UDP/ICMP), normalized connection keys, checksum helpers and an
+//!   in-place TCP sequence/acknowledgment rewrite for the secondary's rewriter. Our own parser
+//!   rather than a crate (etherparse, smoltcp) because we need views that carry their offsets
+//!   in the frame, so the same parse serves comparing and rewriting in place.
+//! - [`compare`]: [`compare::ColoCompare`], which decides when the PVM's frames are released
+//!   and when to ask for a checkpoint.
+
+pub mod compare;
+pub mod packet;
