@@ -14,6 +14,10 @@
 //!   in the frame, so the same parse serves comparing and rewriting in place.
 //! - [`compare`]: [`compare::ColoCompare`], which decides when the PVM's frames are released
 //!   and when to ask for a checkpoint.
+//! - [`rewriter`]: [`rewriter::SeqRewriter`], which puts the SVM's TCP sequence numbers into
+//!   the PVM's space and the client's acknowledgments into the SVM's, per connection opened
+//!   since the last checkpoint.
 
 pub mod compare;
 pub mod packet;
+pub mod rewriter;
