@@ -17,7 +17,11 @@
 //! - [`rewriter`]: [`rewriter::SeqRewriter`], which puts the SVM's TCP sequence numbers into
 //!   the PVM's space and the client's acknowledgments into the SVM's, per connection opened
 //!   since the last checkpoint.
+//! - [`wire`]: the frames of the proxy channel between primary and secondary (mirrored
+//!   packets, the SVM's packets, ISN offsets, epoch markers), each MAC'd under the connection's
+//!   `auth` session key; [`wire::FrameWriter`] and [`wire::FrameReader`].
 
 pub mod compare;
 pub mod packet;
 pub mod rewriter;
+pub mod wire;
