@@ -382,7 +382,7 @@ impl Worker {
         let collected = (|| {
             let state = self.vm.save_state()?;
             let mut dirty = self.vm.take_dirty()?;
-            merge(&mut dirty, &carry);
+            migration::merge_dirty(&mut dirty, &carry);
             let (ranges, bytes) = ranges_of(&dirty)?;
             let staged = self.staging.stage(&ranges, self.vm.memory())?;
             Ok::<_, Failure>((state, ranges, bytes, staged))
@@ -513,44 +513,5 @@ pub(crate) fn clone_all(streams: &[Box<dyn Transport>]) -> Result<Vec<Box<dyn Tr
 
 /// The dirty ranges of `bitmaps` and their total bytes.
 fn ranges_of(bitmaps: &[DirtyBitmap]) -> Result<(Vec<MemRange>, u64), String> {
-    let mut out = Vec::new();
-    for b in bitmaps {
-        b.ranges(&mut out).map_err(|e| e.to_string())?;
-    }
-    let bytes = out.iter().map(|r| r.len).sum();
-    Ok((out, bytes))
-}
-
-/// ORs `b` into `a` (same regions, in the same order).
-fn merge(a: &mut [DirtyBitmap], b: &[DirtyBitmap]) {
-    for (x, y) in a.iter_mut().zip(b) {
-        for (wx, wy) in x.words.iter_mut().zip(&y.words) {
-            *wx |= wy;
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn merged_dirty_sets_keep_every_page() {
-        let page = migration::PAGE_SIZE;
-        let mut a = vec![DirtyBitmap {
-            gpa: 0,
-            len: 128 * page,
-            words: vec![0b0101, 0],
-        }];
-        let b = vec![DirtyBitmap {
-            gpa: 0,
-            len: 128 * page,
-            words: vec![0b0010, 1 << 63],
-        }];
-        merge(&mut a, &b);
-        let (ranges, bytes) = ranges_of(&a).unwrap();
-        assert_eq!(bytes, 4 * page);
-        assert_eq!(ranges[0], MemRange::new(0, 3 * page));
-        assert_eq!(ranges[1], MemRange::new(127 * page, page));
-    }
+    migration::dirty_set_ranges(bitmaps).map_err(|e| e.to_string())
 }

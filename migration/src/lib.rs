@@ -32,7 +32,8 @@ pub use channels::{
 };
 pub use guest::GuestMemory;
 pub use memory::{
-    AccessError, DirtyBitmap, GuestMemoryReader, GuestMemoryWriter, MemoryError, PageStats,
+    dirty_set_ranges, merge_dirty, AccessError, DirtyBitmap, GuestMemoryReader, GuestMemoryWriter,
+    MemoryError, PageStats,
 };
 pub use protocol::{Limits, Message, MessageType, ProtocolError, StartInfo};
 pub use ranges::{MemRange, MemoryLayout, RangeError, PAGE_SIZE};

@@ -126,6 +126,26 @@ impl DirtyBitmap {
     }
 }
 
+/// ORs the dirty set `b` into `a` (the same regions, in the same order): pages dirtied in
+/// either of two periods.
+pub fn merge_dirty(a: &mut [DirtyBitmap], b: &[DirtyBitmap]) {
+    for (x, y) in a.iter_mut().zip(b) {
+        for (wx, wy) in x.words.iter_mut().zip(&y.words) {
+            *wx |= wy;
+        }
+    }
+}
+
+/// The dirty ranges of a whole dirty set, and how many bytes they cover.
+pub fn dirty_set_ranges(bitmaps: &[DirtyBitmap]) -> Result<(Vec<MemRange>, u64), MemoryError> {
+    let mut out = Vec::new();
+    for b in bitmaps {
+        b.ranges(&mut out)?;
+    }
+    let bytes = out.iter().map(|r| r.len).sum();
+    Ok((out, bytes))
+}
+
 /// Appends the dirty ranges of `region` to `out`, from a KVM-style dirty bitmap: bit `i % 64`
 /// of word `i / 64` set means page `i` of the region is dirty. Runs of dirty pages become one
 /// range; bits past the region's last page are ignored.
@@ -537,5 +557,24 @@ mod tests {
             apply(&Message::Ack, &dst),
             Err(MemoryError::NotPages(MessageType::Ack))
         ));
+    }
+
+    #[test]
+    fn merged_dirty_sets_keep_every_page() {
+        let mut a = vec![DirtyBitmap {
+            gpa: 0,
+            len: 128 * PAGE_SIZE,
+            words: vec![0b0101, 0],
+        }];
+        let b = vec![DirtyBitmap {
+            gpa: 0,
+            len: 128 * PAGE_SIZE,
+            words: vec![0b0010, 1 << 63],
+        }];
+        merge_dirty(&mut a, &b);
+        let (ranges, bytes) = dirty_set_ranges(&a).unwrap();
+        assert_eq!(bytes, 4 * PAGE_SIZE);
+        assert_eq!(ranges[0], MemRange::new(0, 3 * PAGE_SIZE));
+        assert_eq!(ranges[1], MemRange::new(127 * PAGE_SIZE, PAGE_SIZE));
     }
 }

@@ -19,7 +19,6 @@ use crate::config::VmConfig;
 use crate::dirty::{DirtyBitmap, DirtyTracker};
 use crate::memory::GuestMemory;
 use crate::migration::channels::{Event, Receiver, ReceiverOptions, Sender, SenderOptions};
-use crate::migration::memory::dirty_ranges;
 use crate::migration::precopy::{decide, Decision, PrecopyConfig, RoundReport};
 use crate::migration::ranges::{MemRange, MemoryLayout};
 use crate::migration::transport::{self, Transport};
@@ -142,24 +141,7 @@ fn connect(url: &MigrationUrl, channels: u16) -> Result<Vec<Box<dyn Transport>>,
 }
 
 fn ranges_of(bitmaps: &[DirtyBitmap]) -> Result<(Vec<MemRange>, u64), String> {
-    let mut out = Vec::new();
-    for b in bitmaps {
-        let region = MemRange {
-            gpa: b.gpa,
-            len: b.len,
-        };
-        dirty_ranges(region, &b.words, &mut out).map_err(|e| e.to_string())?;
-    }
-    let bytes = out.iter().map(|r| r.len).sum();
-    Ok((out, bytes))
-}
-
-fn merge(a: &mut [DirtyBitmap], b: &[DirtyBitmap]) {
-    for (x, y) in a.iter_mut().zip(b) {
-        for (wx, wy) in x.words.iter_mut().zip(&y.words) {
-            *wx |= wy;
-        }
-    }
+    crate::migration::dirty_set_ranges(bitmaps).map_err(|e| e.to_string())
 }
 
 /// Starts the source worker; its progress lands in `status`.
@@ -287,7 +269,7 @@ fn stop_and_copy(
     // From here the guest is stopped: the control loop resumes it if anything below fails.
     let blob = link.ask(WorkerRequest::PauseAndSave)?;
     let last = plan.dirty.take().map_err(|e| e.to_string())?;
-    merge(&mut pending, &last);
+    crate::migration::merge_dirty(&mut pending, &last);
     let (ranges, bytes) = ranges_of(&pending)?;
     let stats = sender
         .send_round(&ranges, &plan.memory)
@@ -465,43 +447,5 @@ fn receive(
             }
             Event::Abandoned(reason) => return Err(format!("the source gave up: {reason}")),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::dirty::PAGE_SIZE;
-
-    #[test]
-    fn merging_dirty_sets_keeps_every_page() {
-        let mut a = vec![DirtyBitmap {
-            gpa: 0,
-            len: 128 * PAGE_SIZE,
-            words: vec![0b0101, 0],
-        }];
-        let b = vec![DirtyBitmap {
-            gpa: 0,
-            len: 128 * PAGE_SIZE,
-            words: vec![0b0010, 1 << 63],
-        }];
-        merge(&mut a, &b);
-        assert_eq!(a[0].words, vec![0b0111, 1 << 63]);
-        let (ranges, bytes) = ranges_of(&a).unwrap();
-        assert_eq!(bytes, 4 * PAGE_SIZE);
-        assert_eq!(
-            ranges[0],
-            MemRange {
-                gpa: 0,
-                len: 3 * PAGE_SIZE
-            }
-        );
-        assert_eq!(
-            ranges[1],
-            MemRange {
-                gpa: 127 * PAGE_SIZE,
-                len: PAGE_SIZE
-            }
-        );
     }
 }
