@@ -20,8 +20,13 @@
 //! - [`wire`]: the frames of the proxy channel between primary and secondary (mirrored
 //!   packets, the SVM's packets, ISN offsets, epoch markers), each MAC'd under the connection's
 //!   `auth` session key; [`wire::FrameWriter`] and [`wire::FrameReader`].
+//! - [`session`]: the two sides' proxy logic as synchronous state machines the caller feeds
+//!   with frames and checkpoint events: [`session::PrimaryProxy`] (mirror, hold, compare and
+//!   release per checkpoint epoch, in order) and [`session::SecondaryProxy`] (mirrored frames
+//!   into the SVM by epoch, its output back, the sequence rewriting after a failover).
 
 pub mod compare;
 pub mod packet;
 pub mod rewriter;
+pub mod session;
 pub mod wire;
