@@ -165,6 +165,7 @@ pub(super) fn encode_body(msg: &Message<'_>, out: &mut Vec<u8>) -> Result<(), Wi
             key,
             guest_dir,
             offset,
+            checkpoint,
         } => {
             encode_key(&key, out)?;
             out.push(match guest_dir {
@@ -172,6 +173,7 @@ pub(super) fn encode_body(msg: &Message<'_>, out: &mut Vec<u8>) -> Result<(), Wi
                 KeyDir::HiToLo => 1,
             });
             out.extend_from_slice(&offset.to_le_bytes());
+            out.extend_from_slice(&checkpoint.to_le_bytes());
         }
         Message::Epoch { checkpoint } => out.extend_from_slice(&checkpoint.to_le_bytes()),
     }
@@ -240,6 +242,7 @@ pub(super) fn decode_body(ty: MsgType, body: &[u8]) -> Result<Message<'_>, WireE
                 key,
                 guest_dir,
                 offset: f.u32()?,
+                checkpoint: f.u64()?,
             }
         }
         MsgType::Epoch => Message::Epoch {

@@ -33,8 +33,8 @@
 //! | 2 | Bye | both | a reason: UTF-8 without control characters; the sender's last frame | 256 |
 //! | 3 | Mirror | primary | 12-byte vnet header + Ethernet frame, at least 26 bytes (opaque here) | 65 609 |
 //! | 4 | SvmOutput | secondary | the same form | 65 609 |
-//! | 5 | IsnOffset | primary | connection key (TCP only), guest direction u8 (0 lo→hi, 1 hi→lo), offset u32 (SVM ISN − PVM ISN) | 49 |
-//! | 6 | Epoch | secondary | checkpoint u64: the SVM loaded it; what the SVM sends after this belongs to its epoch; ≥ 1 and increasing | 8 |
+//! | 5 | IsnOffset | primary | connection key (TCP only), guest direction u8 (0 lo→hi, 1 hi→lo), offset u32 (SVM ISN − PVM ISN), checkpoint u64 (the epoch it was learned in) | 57 |
+//! | 6 | Epoch | both | checkpoint u64, ≥ 1 and increasing per direction. From the secondary: the SVM loaded it, what the SVM sends after this belongs to its epoch. From the primary: the PVM paused for it, mirrored frames after this reached the PVM after the pause | 8 |
 //!
 //! The packet limit is the largest frame a virtio-net GSO packet can be: the vnet header, an
 //! Ethernet header with two VLAN tags, a 40-byte IPv6 header and a 65 535-byte payload.
@@ -103,7 +103,7 @@ const KEY_FIXED_LEN: usize = 8;
 /// An IPv6 key: two 16-byte addresses and two ports after the fixed part.
 const MAX_KEY_LEN: usize = KEY_FIXED_LEN + 2 * (16 + 2);
 /// Direction and offset after the key.
-const ISN_TAIL_LEN: usize = 5;
+const ISN_TAIL_LEN: usize = 13;
 
 const ROLE_PRIMARY: u8 = 1;
 const ROLE_SECONDARY: u8 = 2;
@@ -196,9 +196,9 @@ impl MsgType {
     /// The only role that sends this type, or `None` when both do.
     pub fn sender(self) -> Option<Side> {
         match self {
-            MsgType::Hello | MsgType::Bye => None,
+            MsgType::Hello | MsgType::Bye | MsgType::Epoch => None,
             MsgType::Mirror | MsgType::IsnOffset => Some(Side::Primary),
-            MsgType::SvmOutput | MsgType::Epoch => Some(Side::Secondary),
+            MsgType::SvmOutput => Some(Side::Secondary),
         }
     }
 }
@@ -242,8 +242,13 @@ pub enum Message<'a> {
         guest_dir: KeyDir,
         /// The offset, as [`super::rewriter::SeqRewriter::learn`] takes it.
         offset: u32,
+        /// The checkpoint epoch it was learned in (an offset of an epoch the SVM already left
+        /// is stale).
+        checkpoint: u64,
     },
-    /// Secondary → primary: the SVM loaded this checkpoint; what it sends next is its epoch's.
+    /// Secondary → primary: the SVM loaded this checkpoint, what it sends next is its
+    /// epoch's. Primary → secondary: the PVM paused for this checkpoint, the mirrored frames
+    /// that follow reached the PVM after it (the SVM gets them once it loaded it).
     Epoch {
         /// The checkpoint's number (≥ 1, increasing).
         checkpoint: u64,

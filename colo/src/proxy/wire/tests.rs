@@ -149,16 +149,19 @@ fn every_message_round_trips() {
             key: k4,
             guest_dir: d4,
             offset: 1,
+            checkpoint: 3,
         },
         Message::IsnOffset {
             key: k6,
             guest_dir: d6,
             offset: u32::MAX,
+            checkpoint: 3,
         },
         Message::IsnOffset {
             key: kv,
             guest_dir: dv,
             offset: 0,
+            checkpoint: 3,
         },
         Message::Mirror {
             frame: &pkt[..MIN_PACKET_LEN],
@@ -368,6 +371,7 @@ fn a_flipped_bit_anywhere_is_refused() {
                 key: k,
                 guest_dir: d,
                 offset: 77,
+                checkpoint: 3,
             },
         ],
     );
@@ -579,12 +583,12 @@ fn authentic_but_malformed_frames_are_refused() {
         ),
         (
             P,
-            vec![hp.clone(), raw(P, 1, 5, 0, &isn(&tcp, &[0, 1, 0, 0]))],
+            vec![hp.clone(), raw(P, 1, 5, 0, &isn(&tcp, &[0; 12]))],
             "body shorter than its fields",
         ),
         (
             P,
-            vec![hp.clone(), raw(P, 1, 5, 0, &isn(&tcp, &[0, 1, 0, 0, 0, 0]))],
+            vec![hp.clone(), raw(P, 1, 5, 0, &isn(&tcp, &[0; 14]))],
             "bytes after the message",
         ),
         (
@@ -616,11 +620,16 @@ fn authentic_but_malformed_frames_are_refused() {
         matches!(e, WireError::WrongDirection(MsgType::SvmOutput)),
         "{e:?}"
     );
-    let e = refused(P, &[hp, raw(P, 1, 6, 0, &1u64.to_le_bytes())]);
-    assert!(
-        matches!(e, WireError::WrongDirection(MsgType::Epoch)),
-        "{e:?}"
+    // The primary marks epochs too (its mirrored frames), and its numbers must advance.
+    let e = refused(
+        P,
+        &[
+            hp,
+            raw(P, 1, 6, 0, &2u64.to_le_bytes()),
+            raw(P, 2, 6, 0, &1u64.to_le_bytes()),
+        ],
     );
+    assert_eq!(malformed(e), "epoch does not advance");
     let e = refused(S, &[hs, raw(S, 1, 3, 0, &pkt)]);
     assert!(
         matches!(e, WireError::WrongDirection(MsgType::Mirror)),
@@ -648,16 +657,15 @@ fn the_writer_refuses_what_the_reader_would_and_stays_usable() {
     assert_eq!(malformed(e), "the hello names the wrong role");
     assert!(w.get_ref().is_empty());
     w.write(&Message::hello(Side::Primary)).unwrap();
+    // Both sides mark epochs; each side's numbers must advance.
+    w.write(&Message::Epoch { checkpoint: 1 }).unwrap();
+    let e = w.write(&Message::Epoch { checkpoint: 1 }).unwrap_err();
+    assert_eq!(malformed(e), "epoch does not advance");
     let after_hello = w.get_ref().len();
 
     let e = w.write(&Message::SvmOutput { frame: &pkt }).unwrap_err();
     assert!(
         matches!(e, WireError::WrongDirection(MsgType::SvmOutput)),
-        "{e:?}"
-    );
-    let e = w.write(&Message::Epoch { checkpoint: 1 }).unwrap_err();
-    assert!(
-        matches!(e, WireError::WrongDirection(MsgType::Epoch)),
         "{e:?}"
     );
     let huge = packet(MAX_PACKET_LEN + 1, 0);
@@ -696,6 +704,7 @@ fn the_writer_refuses_what_the_reader_would_and_stays_usable() {
             key,
             guest_dir: dir,
             offset: 1,
+            checkpoint: 3,
         })
         .unwrap_err();
     assert_eq!(malformed(e), "VLAN id above 4095");
@@ -706,6 +715,7 @@ fn the_writer_refuses_what_the_reader_would_and_stays_usable() {
             key,
             guest_dir: dir,
             offset: 1,
+            checkpoint: 3,
         })
         .unwrap_err();
     assert_eq!(malformed(e), "ISN offset of a connection that is not TCP");
@@ -713,7 +723,7 @@ fn the_writer_refuses_what_the_reader_would_and_stays_usable() {
     assert_eq!(malformed(e), "a second hello");
     // Nothing of the refused messages went out, and the writer goes on.
     assert_eq!(w.get_ref().len(), after_hello);
-    assert_eq!(w.frames(), 1);
+    assert_eq!(w.frames(), 2, "the hello and one epoch mark");
     let max = packet(MAX_PACKET_LEN, 1);
     w.write(&Message::Mirror { frame: &max }).unwrap();
     w.write(&Message::Bye { reason: "done" }).unwrap();
@@ -721,6 +731,7 @@ fn the_writer_refuses_what_the_reader_would_and_stays_usable() {
     assert_eq!(malformed(e), "a frame after bye");
     let mut r = reader_of(Side::Primary, w.get_ref());
     assert_eq!(r.read().unwrap(), Message::hello(Side::Primary));
+    assert_eq!(r.read().unwrap(), Message::Epoch { checkpoint: 1 });
     assert_eq!(r.read().unwrap(), Message::Mirror { frame: &max });
     assert_eq!(r.read().unwrap(), Message::Bye { reason: "done" });
     assert!(matches!(r.read(), Err(WireError::Closed)));
@@ -808,6 +819,7 @@ fn a_stream_pair_carries_both_directions() {
                 key,
                 guest_dir,
                 offset: 12345,
+                checkpoint: 3,
             })
             .unwrap();
         });
@@ -817,7 +829,8 @@ fn a_stream_pair_carries_both_directions() {
             Message::IsnOffset {
                 key,
                 guest_dir,
-                offset: 12345
+                offset: 12345,
+                checkpoint: 3
             }
         );
     });
@@ -903,6 +916,7 @@ fn sample_stream() -> (Vec<u8>, Vec<Range<usize>>) {
                 key: k,
                 guest_dir: d,
                 offset: 5,
+                checkpoint: 3,
             },
             Message::Bye { reason: "done" },
         ],
@@ -943,6 +957,7 @@ proptest! {
                     key: *key,
                     guest_dir: *guest_dir,
                     offset: *offset,
+                    checkpoint: 3,
                 }),
                 Spec::Epoch(step) => {
                     epoch += step;
