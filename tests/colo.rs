@@ -964,6 +964,36 @@ fn a_hung_peer_is_failed_over_by_hand_or_by_heartbeat_timeout() {
     report(failures);
 }
 
+/// A guest the user powers off on the primary stays off: the primary tells the secondary
+/// (farewell) before it exits, so the SVM stops instead of taking over.
+fn primary_guest_powers_off() {
+    let mut pair = Pair::start("poweroff", Setup::new(300, 1));
+    pair.ask("count 100", "count ok");
+    pair.wait_checkpoints(Side::Primary, 3);
+    pair.p().send("poweroff");
+    let exit = wait_exit(&mut pair, Side::Secondary, NOTICE);
+    if exit["action"] != "stop" {
+        pair.fail(&format!(
+            "the secondary must stop when the primary's guest powered off: {exit}"
+        ));
+    }
+    if pair.p().wait_exit(Duration::from_secs(20)).is_none() {
+        pair.fail("the primary's colovmm did not exit after the guest powered off");
+    }
+}
+
+#[test]
+fn a_guest_powered_off_on_the_primary_stays_off() {
+    let _serial = one_at_a_time();
+    let mut failures = Vec::new();
+    sub_case(
+        "poweroff on the primary's console",
+        &mut failures,
+        primary_guest_powers_off,
+    );
+    report(failures);
+}
+
 // ---------------------------------------------------------------------------------------------
 // 3. Both VMs' memory is identical after a checkpoint
 

@@ -260,6 +260,12 @@ impl Heartbeat {
     /// Tells the peer this side ends protection on purpose, then stops (best effort: a dead
     /// peer hears nothing).
     pub fn farewell(self) {
+        self.send_farewell();
+    }
+
+    /// Sends the farewell and stops reporting, without joining the threads (callable from
+    /// the heartbeat's own reader thread, which reports losses; drop the heartbeat elsewhere).
+    pub fn send_farewell(&self) {
         self.stop.store(true, Ordering::SeqCst);
         if let Ok(mut l) = self.writer.lock() {
             let _ = l.write_all(&frame(FAREWELL, 0));

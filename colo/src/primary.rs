@@ -77,7 +77,7 @@ pub fn start_primary(
     status.heartbeat.interval_ms = cfg.heartbeat_interval.as_millis() as u64;
     status.heartbeat.timeout_ms = cfg.heartbeat_timeout.as_millis() as u64;
     let status = SharedStatus::new(status);
-    let switch = Arc::new(FailoverSwitch::default());
+    let switch = Arc::new(FailoverSwitch::for_primary());
     let ram = vm.regions().iter().map(|r| r.len).sum();
     let (tx, rx) = std::sync::mpsc::channel();
     switch.wake_with(tx.clone());
@@ -178,7 +178,13 @@ impl Worker {
         }
         // The first cause wins; a failure here is this side ending protection (farewell).
         self.switch.throw(Cause::Failed, end.reason.clone());
-        let reason = self.switch.reason().unwrap_or(end.reason);
+        let reason = match self.switch.cause() {
+            // The secondary ended protection because it refused a checkpoint (its farewell can
+            // overtake the worker): the refusal says more.
+            Some((Cause::PeerLeft, _)) if !end.peer_may_be_gone => end.reason,
+            Some((_, reason)) => reason,
+            None => end.reason,
+        };
         if let Some(s) = sender.as_mut() {
             s.abandon(&reason);
         }
@@ -424,6 +430,9 @@ impl Worker {
         })();
         if pause.is_none() {
             pause = Some(resume(&mut phases, sent.is_err())?);
+        } else if sent.is_err() && pause_after && we_paused {
+            // Staged with pause_after: it stayed paused for a checkpoint that failed.
+            self.vm.resume(true)?;
         }
         let stats = sent?;
         let pause = pause.unwrap_or_default();

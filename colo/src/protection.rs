@@ -60,6 +60,8 @@ pub enum Cause {
 pub struct FailoverSwitch {
     inner: Mutex<SwitchInner>,
     thrown: std::sync::Condvar,
+    /// Say farewell whatever the cause (the primary: it always carries on).
+    always_farewell: bool,
 }
 
 #[derive(Default)]
@@ -73,6 +75,14 @@ struct SwitchInner {
 }
 
 impl FailoverSwitch {
+    /// The primary's switch: it says farewell on every cause.
+    pub fn for_primary() -> Self {
+        FailoverSwitch {
+            always_farewell: true,
+            ..FailoverSwitch::default()
+        }
+    }
+
     fn inner(&self) -> std::sync::MutexGuard<'_, SwitchInner> {
         self.inner.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -136,14 +146,20 @@ impl FailoverSwitch {
         // the caller's (the heartbeat reports a loss from its own thread). The farewell goes
         // before the streams close, so the peer hears why before it sees them end.
         if let Some(hb) = hb {
-            if matches!(cause, Cause::Requested | Cause::Failed) {
-                hb.farewell();
-            } else {
-                std::thread::spawn(move || hb.stop());
+            // The primary always lives on, so it always says so: a secondary that merely
+            // missed beats must stop rather than take over (two VMs).
+            if self.always_farewell || matches!(cause, Cause::Requested | Cause::Failed) {
+                hb.send_farewell();
             }
+            // Dropping joins the heartbeat's threads, and this may be one of them.
+            std::thread::spawn(move || drop(hb));
         }
-        for s in &streams {
-            let _ = s.shutdown(Shutdown::Both);
+        // A secondary that said farewell closes the streams itself, after telling the primary
+        // why (a refused checkpoint, say): let the primary's worker read that reason.
+        if !(self.always_farewell && cause == Cause::PeerLeft) {
+            for s in &streams {
+                let _ = s.shutdown(Shutdown::Both);
+            }
         }
         if let Some(tx) = wake {
             let _ = tx.send(Command::Wake);
@@ -237,6 +253,14 @@ impl Protection {
         }
         let tx = self.commands.as_ref().ok_or(ProtectionError::NotPrimary)?;
         tx.send(c).map_err(|_| ProtectionError::Ended)
+    }
+
+    /// Ends protection because this side's VM stops (the guest powered off, the VMM shuts
+    /// down): the peer is told, so it does not take over a VM that was meant to stop.
+    pub fn end(&self, reason: &str) {
+        if self.active() {
+            self.switch.throw(Cause::Requested, reason.to_string());
+        }
     }
 
     /// Failover by hand: this side goes on alone and tells the peer so (QEMU's

@@ -147,13 +147,17 @@ impl Vmm {
                 pid: std::process::id(),
             })),
             ApiRequest::VmmShutdown => {
+                self.end_colo("the VMM was shut down");
                 if let Some(vm) = self.vm.as_mut() {
                     vm.shutdown();
                 }
                 self.events.emit("vmm", "shutdown", serde_json::json!({}));
                 return (Ok(serde_json::Value::Null), true);
             }
-            ApiRequest::VmCreate(config) => done(self.create_vm(&config)),
+            ApiRequest::VmCreate(config) => done(
+                self.check_not_protected()
+                    .and_then(|()| self.create_vm(&config)),
+            ),
             ApiRequest::VmBoot => done(self.boot_vm()),
             ApiRequest::VmInfo => self.vm().and_then(|vm| {
                 serde_json::to_value(vm.info()).map_err(|e| ApiError::from_error(500, &e))
@@ -161,12 +165,21 @@ impl Vmm {
             ApiRequest::VmPause => done(self.check_not_held().and_then(|()| self.pause_vm())),
             ApiRequest::VmResume => done(self.check_not_held().and_then(|()| self.resume_vm())),
             ApiRequest::VmShutdown => done(self.shutdown_vm()),
-            ApiRequest::VmReboot => done(self.reboot()),
+            ApiRequest::VmReboot => done(self.check_not_protected().and_then(|()| self.reboot())),
             ApiRequest::VmCounters => self.vm().map(|vm| vm.counters()),
             ApiRequest::VmSnapshot(cfg) => done(self.snapshot_vm(&cfg.destination_url)),
-            ApiRequest::VmRestore(cfg) => done(self.restore_vm(&cfg.source_url)),
-            ApiRequest::VmSendMigration(data) => done(self.send_migration(&data)),
-            ApiRequest::VmReceiveMigration(data) => done(self.receive_migration(&data)),
+            ApiRequest::VmRestore(cfg) => done(
+                self.check_not_protected()
+                    .and_then(|()| self.restore_vm(&cfg.source_url)),
+            ),
+            ApiRequest::VmSendMigration(data) => done(
+                self.check_not_protected()
+                    .and_then(|()| self.send_migration(&data)),
+            ),
+            ApiRequest::VmReceiveMigration(data) => done(
+                self.check_not_protected()
+                    .and_then(|()| self.receive_migration(&data)),
+            ),
             ApiRequest::VmColoStart(cfg) => done(self.start_colo(&cfg)),
             ApiRequest::VmColoStatus => self.protection().and_then(|p| {
                 serde_json::to_value(p.status()).map_err(|e| ApiError::from_error(500, &e))
@@ -462,6 +475,8 @@ impl Vmm {
         if vm.state() == VmState::Shutdown {
             return Err(ApiError::new(409, "the VM is already shut down"));
         }
+        self.end_colo("the VM was shut down through the API");
+        let vm = self.vm()?;
         vm.shutdown();
         if let Some(c) = &self.console {
             c.detach();
@@ -533,6 +548,7 @@ impl Vmm {
                             }
                         };
                         self.emit(event, props);
+                        self.end_colo(&format!("the guest stopped ({event})"));
                         return VmmExit::Guest(outcome);
                     }
                 }

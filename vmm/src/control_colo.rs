@@ -168,9 +168,32 @@ impl Vmm {
                         .map_err(|e| e.error)
                         .and_then(|()| self.vm().map(|vm| parts_of(vm)).map_err(|e| e.error))
                 };
+                // The SVM must not run before its first checkpoint is loaded: the worker's
+                // first resume releases it.
+                self.colo_hold = r.is_ok();
                 let _ = reply.send(r);
             }
             ColoRequest::Exited(exit) => self.colo_exited(exit),
+        }
+    }
+
+    /// Refuses what would replace or share the protected VM (a migration, a reboot, a new
+    /// VM) while COLO runs: the COLO worker keeps handles on this VM's memory and dirty log.
+    pub(crate) fn check_not_protected(&self) -> Result<(), ApiError> {
+        if self.colo.as_ref().is_some_and(colo::Protection::active) {
+            return Err(ApiError::new(
+                409,
+                "COLO protection is running: end it first (vm.colo-failover)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Ends protection before this VMM stops its VM or exits, telling the peer, so that a
+    /// secondary does not bring back a guest that powered off (or a VMM that was shut down).
+    pub(crate) fn end_colo(&self, reason: &str) {
+        if let Some(p) = &self.colo {
+            p.end(reason);
         }
     }
 
