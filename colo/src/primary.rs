@@ -36,6 +36,8 @@ const SYNC_SMALL_ENOUGH: u64 = 32 << 20;
 pub const HEARTBEAT_PURPOSE: &str = "heartbeat";
 /// The authentication purpose of every checkpoint channel.
 pub const CHECKPOINT_PURPOSE: &str = "checkpoint";
+/// How long an Ack may take (the secondary's preparation for a large VM, or its flush).
+const ACK_PATIENCE: Duration = Duration::from_secs(120);
 /// How long to wait for the heartbeat's verdict beyond its timeout, after a stream broke.
 pub const VERDICT_SLACK: Duration = Duration::from_millis(500);
 /// ... or after this many rounds (a guest that dirties faster than the link).
@@ -276,6 +278,10 @@ impl Worker {
                 .set_nodelay(true)
                 .map_err(|e| e.to_string())
                 .and_then(|()| {
+                    // The channels before the beats: an attempt that fails here must not leave
+                    // a heartbeat behind whose loss would end the next, good attempt.
+                    let streams = transport::connect_tcp(addr, self.cfg.channels, IO_TIMEOUT)
+                        .map_err(|e| e.to_string())?;
                     let beat = Heartbeat::start_with_grace(
                         Box::new(hb.try_clone().map_err(|e| e.to_string())?),
                         self.cfg.heartbeat_interval,
@@ -284,8 +290,6 @@ impl Worker {
                         heartbeat_verdict(self.switch.clone()),
                     )
                     .map_err(|e| format!("starting the heartbeat: {e}"))?;
-                    let streams = transport::connect_tcp(addr, self.cfg.channels, IO_TIMEOUT)
-                        .map_err(|e| e.to_string())?;
                     Ok((beat, streams))
                 });
             match attempt {
@@ -306,7 +310,9 @@ impl Worker {
             new_session_id(),
             SenderOptions {
                 io_timeout: IO_TIMEOUT,
-                ack_timeout: IO_TIMEOUT * 3,
+                // The secondary prefaults the SVM's RAM and its cache before it acks Start
+                // (~10 µs a page here); a dead secondary is noticed by the heartbeat sooner.
+                ack_timeout: ACK_PATIENCE,
                 ..SenderOptions::default()
             },
             &mut |_, stream| match &psk {
@@ -331,6 +337,9 @@ impl Worker {
                 config_json: self.cfg.config_json.clone(),
             })
             .map_err(Failure::from)?;
+        // The secondary acks Start once the SVM and the RAM cache exist: pages sent before
+        // would pile up behind its prefault and time the writes out on a large VM.
+        sender.wait_round_applied().map_err(Failure::from)?;
         self.vm.start_dirty_log()?;
         // A staging buffer for a quarter of RAM (at most 256 MiB) from the start, so early
         // checkpoints need not pause for their transfer; it grows with the dirty sets seen.

@@ -321,6 +321,8 @@ impl Worker {
         receiver
             .start_applying(cache.clone())
             .map_err(|e| fail(e, false))?;
+        // Ready: the primary waits for this before it sends pages.
+        receiver.ack().map_err(|e| fail(e, false))?;
         let mut pending: Option<Vec<u8>> = None;
         // Bytes received when the last checkpoint completed: more means one is arriving.
         let mut settled = 0u64;

@@ -127,7 +127,16 @@ impl Vmm {
                         VmState::Paused => Ok(false),
                         _ => vm.pause().map(|()| true).map_err(|e| e.to_string()),
                     });
-                let _ = reply.send(r);
+                let paused_it = matches!(r, Ok(true));
+                if reply.send(r).is_err() {
+                    // The worker gave up waiting: nobody will resume what was paused here.
+                    self.colo_hold = false;
+                    if paused_it {
+                        if let Ok(vm) = self.vm() {
+                            let _ = vm.resume();
+                        }
+                    }
+                }
             }
             ColoRequest::Save(reply) => {
                 let r = self.vm().map_err(|e| e.error).and_then(|vm| {
