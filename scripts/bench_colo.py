@@ -43,7 +43,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import COLOVMM, GUEST, ROOT, Vm, qemu_cmd, update_section  # noqa: E402
+from bench_common import COLOVMM, GUEST, ROOT, Vm, processes, qemu_cmd, update_section  # noqa: E402
 from bench_migration import Qmp, free_port  # noqa: E402
 
 REMOTE = os.path.join(ROOT, "target/release/colovmm-remote")
@@ -126,22 +126,6 @@ def check_alive(*procs):
             how = f"was killed by {signal.Signals(-rc).name} (not by this script)" if rc < 0 \
                 else f"exited with {rc}"
             raise Failed(f"the {name} {how}: {p.tail() or 'no message on its stderr'}")
-
-
-def processes(names, argc=3):
-    """'pid: command line' of other processes with one of `names` among their first words."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
-        if any(os.path.basename(a.decode(errors="replace")) in names for a in args[:argc]):
-            found.append(f"{pid}: " + b" ".join(args).decode(errors="replace").strip()[:160])
-    return found
 
 
 def wait_for_quiet_machine():

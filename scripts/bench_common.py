@@ -90,3 +90,19 @@ def update_section(path, name, body):
         text = text.rstrip() + "\n\n" + block + "\n"
     with open(path, "w") as f:
         f.write(text)
+
+
+def processes(names, argc=3):
+    """'pid: command line' of other processes with one of `names` among their first words."""
+    found = []
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                args = f.read().split(b"\0")
+        except OSError:
+            continue
+        if any(os.path.basename(a.decode(errors="replace")) in names for a in args[:argc]):
+            found.append(f"{pid}: " + b" ".join(args).decode(errors="replace").strip()[:160])
+    return found

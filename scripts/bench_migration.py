@@ -31,7 +31,7 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import COLOVMM, GUEST, ROOT, Vm, median, qemu_cmd, update_section  # noqa: E402
+from bench_common import COLOVMM, GUEST, ROOT, Vm, median, processes, qemu_cmd, update_section  # noqa: E402
 
 REMOTE = os.path.join(ROOT, "target/release/colovmm-remote")
 DIRTY = "dirty 200 256"
@@ -49,18 +49,7 @@ OTHER_BENCHMARKS = ("bench_io.py", "bench_boot.py")
 
 def other_benchmarks():
     """Command lines of other benchmark scripts running on this machine."""
-    found = []
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
-        if any(os.path.basename(a.decode(errors="replace")) in OTHER_BENCHMARKS for a in args[:3]):
-            found.append(f"{pid}: " + b" ".join(args).decode(errors="replace").strip())
-    return found
+    return processes(OTHER_BENCHMARKS)
 
 
 def wait_for_quiet_machine():
