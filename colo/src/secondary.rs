@@ -477,20 +477,19 @@ impl Worker {
 }
 
 /// The SVM's dirty words per cache region (a region the log did not report is clean).
-fn words_per_region(dirty: Vec<DirtyBitmap>, regions: &[MemRange]) -> Vec<Vec<u64>> {
+fn words_per_region(mut dirty: Vec<DirtyBitmap>, regions: &[MemRange]) -> Vec<Vec<u64>> {
     regions
         .iter()
         .map(|r| {
             let words = (r.len / PAGE_SIZE).div_ceil(64) as usize;
-            dirty
-                .iter()
+            // Moved out, not copied: this runs while the SVM is paused.
+            let mut w = dirty
+                .iter_mut()
                 .find(|d| d.gpa == r.gpa)
-                .map(|d| {
-                    let mut w = d.words.clone();
-                    w.resize(words, 0);
-                    w
-                })
-                .unwrap_or_else(|| vec![0; words])
+                .map(|d| std::mem::take(&mut d.words))
+                .unwrap_or_default();
+            w.resize(words, 0);
+            w
         })
         .collect()
 }
