@@ -99,16 +99,69 @@ impl Vcpu {
                 Err(p) => p.into_inner(),
             };
             // Keep the lock across exits while running; a kick ends the inner loop.
+            let mut stop = None;
             while self.ctx.control.state() == RunState::Running {
                 if let Some(req) = self.run_once(&mut fd) {
-                    drop(fd);
-                    self.ctx.exit.request(req);
-                    // Stay parked until the VMM decides what happens next (it will stop us).
-                    self.ctx.control.park_until_stopped();
-                    return;
+                    stop = Some(req);
+                    break;
+                }
+            }
+            if stop.is_none() {
+                stop = self.settle(&mut fd);
+            }
+            if let Some(req) = stop {
+                drop(fd);
+                self.ctx.exit.request(req);
+                // Stay parked until the VMM decides what happens next (it will stop us).
+                self.ctx.control.park_until_stopped();
+                return;
+            }
+        }
+    }
+
+    /// Finishes the last port or MMIO access before the thread parks. KVM completes such an
+    /// access (the value read into its register, RIP past the instruction) only when KVM_RUN
+    /// is entered again, and that pending work is invisible to KVM_GET_REGS: a snapshot or a
+    /// COLO checkpoint taken meanwhile would hold a half-executed instruction, and a state
+    /// *loaded* meanwhile (the COLO secondary) would have KVM finish the old instruction on
+    /// top of the new registers — RIP back in old code, in the new privilege level. KVM_RUN
+    /// with `immediate_exit` set completes it and returns EINTR before any guest instruction.
+    fn settle(&self, fd: &mut VcpuFd) -> Option<ExitRequest> {
+        // An access may complete into another exit (a string instruction's next element).
+        for _ in 0..16 {
+            fd.set_kvm_immediate_exit(1);
+            match fd.run() {
+                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+                    fd.set_kvm_immediate_exit(0);
+                    return None;
+                }
+                Ok(VcpuExit::IoIn(port, data)) => {
+                    if !self.ctx.pio.read(port.into(), data) {
+                        data.fill(0xff);
+                    }
+                }
+                Ok(VcpuExit::IoOut(port, data)) => {
+                    self.ctx.pio.write(port.into(), data);
+                }
+                Ok(VcpuExit::MmioRead(addr, data)) => {
+                    if !self.ctx.mmio.read(addr, data) {
+                        data.fill(0);
+                    }
+                }
+                Ok(VcpuExit::MmioWrite(addr, data)) => {
+                    self.ctx.mmio.write(addr, data);
+                }
+                // Anything else would need the full exit handling: let the run loop have it
+                // once the VM runs again (the access itself has completed).
+                Ok(_) => break,
+                Err(e) => {
+                    fd.set_kvm_immediate_exit(0);
+                    return Some(self.crash(fd, &format!("KVM_RUN failed: {e}")));
                 }
             }
         }
+        fd.set_kvm_immediate_exit(0);
+        None
     }
 
     /// One KVM_RUN; returns a request when the VM must stop.
