@@ -9,7 +9,7 @@ use virtio_bindings::virtio_net as vn;
 use virtio_queue::{Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
-use super::filter::{FilterChain, Injector};
+use super::filter::{FilterChain, FilterSlot, Injector};
 use super::tap::{Tap, TapIo};
 use super::worker::{Worker, WorkerExit, WorkerSetup};
 use crate::state::{ComponentState, StateError, Stateful};
@@ -242,6 +242,7 @@ pub struct Net {
     /// None while the worker owns it, or for good if a worker died with it.
     filters: Option<FilterChain>,
     injector: Injector,
+    slot: FilterSlot,
     counters: Arc<NetCounters>,
     worker: Option<Running>,
 }
@@ -271,6 +272,7 @@ impl Net {
             avail_features,
             acked_features: 0,
             injector: filters.injector(),
+            slot: filters.slot(),
             filters: Some(filters),
             counters: Arc::new(NetCounters::default()),
             worker: None,
@@ -285,6 +287,11 @@ impl Net {
     /// A handle to inject packets past the filter chain.
     pub fn injector(&self) -> Injector {
         self.injector.clone()
+    }
+
+    /// The slot of the filter chain for a filter added while the device runs (COLO's proxy).
+    pub fn filter_slot(&self) -> FilterSlot {
+        self.slot.clone()
     }
 
     /// The MAC address the guest sees.

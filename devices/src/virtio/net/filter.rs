@@ -13,8 +13,9 @@
 //! straight to the guest, without visiting any filter (including the one that injected it).
 
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use vmm_sys_util::eventfd::EventFd;
 
@@ -191,9 +192,89 @@ impl fmt::Debug for Injector {
     }
 }
 
+/// A filter may already be in the slot.
+#[derive(Debug, thiserror::Error)]
+#[error("the filter slot already holds {0:?}")]
+pub struct SlotTaken(pub String);
+
+struct SlotInner {
+    /// Whether `filter` holds one: read per packet without the lock, so an empty slot keeps the
+    /// chain's zero-copy fast path.
+    armed: AtomicBool,
+    filter: Mutex<Option<Box<dyn PacketFilter>>>,
+}
+
+/// The place on the tap side of a chain where a filter can be put, and taken out again, while
+/// the device runs: how COLO's proxy joins a NIC that was built (and booted) unprotected.
+#[derive(Clone)]
+pub struct FilterSlot {
+    inner: Arc<SlotInner>,
+    injector: Injector,
+}
+
+impl FilterSlot {
+    /// Puts `filter` into the slot; the next packet in either direction visits it.
+    pub fn install(&self, filter: Box<dyn PacketFilter>) -> Result<(), SlotTaken> {
+        let mut slot = self
+            .inner
+            .filter
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        if let Some(f) = slot.as_ref() {
+            return Err(SlotTaken(f.name().to_string()));
+        }
+        *slot = Some(filter);
+        self.inner.armed.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Takes the filter out (waiting for a packet it is processing); packets pass it from now on.
+    pub fn remove(&self) -> Option<Box<dyn PacketFilter>> {
+        let mut slot = self
+            .inner
+            .filter
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        self.inner.armed.store(false, Ordering::Release);
+        slot.take()
+    }
+
+    /// Whether a filter is in the slot.
+    pub fn is_armed(&self) -> bool {
+        self.inner.armed.load(Ordering::Acquire)
+    }
+
+    /// The device's injector (packets past the whole chain).
+    pub fn injector(&self) -> Injector {
+        self.injector.clone()
+    }
+
+    fn process(&self, dir: Direction, pkt: &mut Packet) -> Verdict {
+        if !self.is_armed() {
+            return Verdict::Pass;
+        }
+        let mut slot = self
+            .inner
+            .filter
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        match slot.as_mut() {
+            Some(f) => f.process(dir, pkt, &self.injector),
+            None => Verdict::Pass,
+        }
+    }
+}
+
+impl fmt::Debug for FilterSlot {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "FilterSlot(armed: {})", self.is_armed())
+    }
+}
+
 /// The ordered filters of one device plus the receiving end of its injector.
 pub struct FilterChain {
     filters: Vec<Box<dyn PacketFilter>>,
+    slot: FilterSlot,
     injector: Injector,
     injected_rx: Receiver<Packet>,
     injected_tx: Receiver<Packet>,
@@ -206,13 +287,21 @@ impl FilterChain {
         let wake = Arc::new(EventFd::new(libc::EFD_NONBLOCK).map_err(FilterError::EventFd)?);
         let (rx_send, injected_rx) = sync_channel(INJECT_QUEUE_LEN);
         let (tx_send, injected_tx) = sync_channel(INJECT_QUEUE_LEN);
+        let injector = Injector {
+            rx: rx_send,
+            tx: tx_send,
+            wake: wake.clone(),
+        };
         Ok(Self {
             filters: Vec::new(),
-            injector: Injector {
-                rx: rx_send,
-                tx: tx_send,
-                wake: wake.clone(),
+            slot: FilterSlot {
+                inner: Arc::new(SlotInner {
+                    armed: AtomicBool::new(false),
+                    filter: Mutex::new(None),
+                }),
+                injector: injector.clone(),
             },
+            injector,
             injected_rx,
             injected_tx,
             wake,
@@ -224,19 +313,24 @@ impl FilterChain {
         self.filters.push(filter);
     }
 
-    /// Whether no filter is configured.
+    /// Whether no filter is configured (nor in the slot).
     pub fn is_empty(&self) -> bool {
-        self.filters.is_empty()
+        self.filters.is_empty() && !self.slot.is_armed()
     }
 
-    /// Number of filters.
+    /// Number of filters pushed (the slot not counted).
     pub fn len(&self) -> usize {
         self.filters.len()
     }
 
-    /// The filters' names, guest side first.
+    /// The filters' names, guest side first (the slot not included).
     pub fn names(&self) -> Vec<&str> {
         self.filters.iter().map(|f| f.name()).collect()
+    }
+
+    /// The slot on the tap side of the pushed filters, for a filter added while the device runs.
+    pub fn slot(&self) -> FilterSlot {
+        self.slot.clone()
     }
 
     /// A handle to inject packets past this chain.
@@ -244,8 +338,15 @@ impl FilterChain {
         self.injector.clone()
     }
 
-    /// Runs `pkt` through the filters in `dir` order, stopping at the first that does not pass it.
+    /// Runs `pkt` through the filters in `dir` order (the slot last for Tx, first for Rx),
+    /// stopping at the first that does not pass it.
     pub fn process(&mut self, dir: Direction, pkt: &mut Packet) -> Verdict {
+        if dir == Direction::Rx {
+            let v = self.slot.process(dir, pkt);
+            if v != Verdict::Pass {
+                return v;
+            }
+        }
         let injector = &self.injector;
         let mut run = |f: &mut Box<dyn PacketFilter>| f.process(dir, pkt, injector);
         let verdict = match dir {
@@ -261,7 +362,11 @@ impl FilterChain {
                 .map(&mut run)
                 .find(|v| *v != Verdict::Pass),
         };
-        verdict.unwrap_or(Verdict::Pass)
+        match verdict {
+            Some(v) => v,
+            None if dir == Direction::Tx => self.slot.process(dir, pkt),
+            None => Verdict::Pass,
+        }
     }
 
     /// The next injected packet for `dir`, if any (worker side).
@@ -480,6 +585,35 @@ mod tests {
             b"to-guest"
         );
         assert!(chain.next_injected(Direction::Rx).is_none());
+    }
+
+    #[test]
+    fn the_slot_sits_on_the_tap_side_and_can_be_filled_and_emptied_at_run_time() {
+        let log = Log::default();
+        let mut chain = FilterChain::new().unwrap();
+        chain.push(probe("a", &log, Verdict::Pass));
+        let slot = chain.slot();
+        assert!(!slot.is_armed());
+        slot.install(probe("s", &log, Verdict::Pass)).unwrap();
+        assert!(matches!(
+            slot.install(probe("t", &log, Verdict::Pass)),
+            Err(SlotTaken(name)) if name == "s"
+        ));
+        assert!(!chain.is_empty(), "an armed slot leaves the fast path");
+        chain.process(Direction::Tx, &mut pkt(b"1"));
+        chain.process(Direction::Rx, &mut pkt(b"2"));
+        assert_eq!(*log.lock().unwrap(), ["a:Tx", "s:Tx", "s:Rx", "a:Rx"]);
+        let taken = slot.remove().unwrap();
+        assert_eq!(taken.name(), "s");
+        assert!(chain.is_empty() == chain.names().is_empty() && !slot.is_armed());
+        log.lock().unwrap().clear();
+        chain.process(Direction::Tx, &mut pkt(b"3"));
+        assert_eq!(*log.lock().unwrap(), ["a:Tx"]);
+        // A slot filter that drops stops an Rx packet before the pushed filters see it.
+        slot.install(probe("d", &log, Verdict::Drop)).unwrap();
+        log.lock().unwrap().clear();
+        assert_eq!(chain.process(Direction::Rx, &mut pkt(b"4")), Verdict::Drop);
+        assert_eq!(*log.lock().unwrap(), ["d:Rx"]);
     }
 
     #[test]

@@ -28,8 +28,8 @@ pub use device::{
     RX_QUEUE, TX_QUEUE,
 };
 pub use filter::{
-    Direction, FilterChain, FilterError, InjectError, Injector, Packet, PacketFilter, Verdict,
-    INJECT_QUEUE_LEN,
+    Direction, FilterChain, FilterError, FilterSlot, InjectError, Injector, Packet, PacketFilter,
+    SlotTaken, Verdict, INJECT_QUEUE_LEN,
 };
 pub use rx::RxChainError;
 pub use tap::{validate_name, Tap, TapError, TapIo, MAX_NAME_LEN, VNET_HDR_LEN};
