@@ -38,6 +38,11 @@ pub const HEARTBEAT_TIMEOUT_MS: RangeInclusive<u64> = 50..=60_000;
 /// `heartbeat_timeout_ms` when unset.
 pub const DEFAULT_HEARTBEAT_TIMEOUT_MS: u64 = 1000;
 
+/// Accepted `compare_timeout_ms`.
+pub const COMPARE_TIMEOUT_MS: RangeInclusive<u64> = 10..=600_000;
+/// `compare_timeout_ms` when unset (QEMU colo-compare's).
+pub const DEFAULT_COMPARE_TIMEOUT_MS: u64 = 3000;
+
 /// The option name in CLI errors (`--colo`).
 const OPTION: &str = "colo";
 /// CLI keys and the JSON fields they set.
@@ -50,6 +55,7 @@ const KEYS: &[(&str, &str)] = &[
     ("heartbeat-interval", "heartbeat_interval_ms"),
     ("heartbeat-timeout", "heartbeat_timeout_ms"),
     ("key-file", "key_file"),
+    ("compare-timeout", "compare_timeout_ms"),
 ];
 const CLI_KEYS: &[&str] = &[
     "role",
@@ -60,6 +66,7 @@ const CLI_KEYS: &[&str] = &[
     "heartbeat-interval",
     "heartbeat-timeout",
     "key-file",
+    "compare-timeout",
 ];
 
 /// Which side of a COLO pair this VMM is.
@@ -116,6 +123,10 @@ pub struct ColoConfig {
     /// (hex, at least 16 bytes, or a passphrase of at least 20 characters; mode 0600).
     #[serde(default)]
     pub key_file: Option<String>,
+    /// Primary only: how long a packet of the PVM may wait for the SVM's before a checkpoint
+    /// is taken, in ms (default 3000).
+    #[serde(default)]
+    pub compare_timeout_ms: Option<u64>,
 }
 
 impl ColoConfig {
@@ -171,6 +182,7 @@ impl ColoConfig {
             heartbeat_interval_ms: ms("heartbeat-interval")?,
             heartbeat_timeout_ms: ms("heartbeat-timeout")?,
             key_file: kv.get("key-file").cloned(),
+            compare_timeout_ms: ms("compare-timeout")?,
         };
         config.validate().map_err(|e| config.cli_error(e))?;
         Ok(config)
@@ -191,6 +203,11 @@ impl ColoConfig {
                         why: "not allowed with role primary: only a secondary listens".into(),
                     });
                 }
+                in_range(
+                    "compare_timeout_ms",
+                    self.compare_timeout_ms,
+                    &COMPARE_TIMEOUT_MS,
+                )?;
             }
             ColoRole::Secondary => {
                 if self.peer.is_some() {
@@ -198,6 +215,12 @@ impl ColoConfig {
                         field: "peer",
                         why: "not allowed with role secondary: it listens, the primary connects"
                             .into(),
+                    });
+                }
+                if self.compare_timeout_ms.is_some() {
+                    return Err(ValidationError::Field {
+                        field: "compare_timeout_ms",
+                        why: "not allowed with role secondary: the primary compares".into(),
                     });
                 }
                 check_address(
@@ -292,6 +315,14 @@ impl ColoConfig {
         )
     }
 
+    /// The primary's compare timeout, [`DEFAULT_COMPARE_TIMEOUT_MS`] when unset.
+    pub fn compare_timeout(&self) -> Duration {
+        Duration::from_millis(
+            self.compare_timeout_ms
+                .unwrap_or(DEFAULT_COMPARE_TIMEOUT_MS),
+        )
+    }
+
     /// The value given for a JSON field, as the CLI would show it (`None` if unset).
     fn field_value(&self, field: &str) -> Option<String> {
         let n = |v: Option<u64>| v.map(|v| v.to_string());
@@ -303,6 +334,7 @@ impl ColoConfig {
             "heartbeat_interval_ms" => n(self.heartbeat_interval_ms),
             "heartbeat_timeout_ms" => n(self.heartbeat_timeout_ms),
             "key_file" => self.key_file.clone(),
+            "compare_timeout_ms" => n(self.compare_timeout_ms),
             _ => Some(self.role.to_string()),
         }
     }
@@ -428,6 +460,7 @@ mod tests {
             heartbeat_interval_ms: None,
             heartbeat_timeout_ms: None,
             key_file: None,
+            compare_timeout_ms: None,
         }
     }
 
@@ -449,6 +482,7 @@ mod tests {
                 heartbeat_interval_ms: Some(100),
                 heartbeat_timeout_ms: Some(1000),
                 key_file: None,
+                compare_timeout_ms: None,
             }
         );
         assert_eq!(c.checkpoint_interval(), Duration::from_millis(600));

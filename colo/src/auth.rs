@@ -218,6 +218,15 @@ impl Psk {
         Ok(Psk(key))
     }
 
+    /// The key of hosts given none: every party can compute it, so it authenticates nothing —
+    /// it lets a channel that always MACs its frames (the proxy's) run without a key file,
+    /// still catching corruption and framing errors.
+    pub fn public() -> Psk {
+        let mut key = [0u8; 32];
+        key.copy_from_slice(&Sha256::digest(b"colovmm: no pre-shared key given"));
+        Psk(key)
+    }
+
     /// Reads a key file: one line of text as [`Psk::parse`] takes it. The file must be a
     /// regular file that only its owner may read or write (mode 0600 or stricter).
     pub fn from_file(path: &Path) -> Result<Psk, PskError> {

@@ -7,7 +7,7 @@
 //! the PVM never stays paused on a dead peer.
 
 use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::mpsc::{Receiver as MpscReceiver, RecvTimeoutError};
+use std::sync::mpsc::{Receiver as MpscReceiver, RecvTimeoutError, Sender as MpscSender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,8 @@ use migration::{
 use crate::auth::{self, Psk};
 use crate::heartbeat::{Heartbeat, LostReason};
 use crate::protection::{peer_may_be_gone, Cause, Command, FailoverSwitch, Protection};
+use crate::proxy::compare::CompareConfig;
+use crate::proxy::link::{OnBroken, PrimaryLink};
 use crate::record::{Reason, Record};
 use crate::staging::Staging;
 use crate::status::{
@@ -62,6 +64,8 @@ pub struct PrimaryConfig {
     pub vcpus: u32,
     /// The pre-shared key every connection is authenticated with, if one was given.
     pub psk: Option<Arc<Psk>>,
+    /// How long a PVM packet may wait for the SVM's before a checkpoint is asked for.
+    pub compare_timeout: Duration,
 }
 
 /// Starts protecting `vm`: a worker thread connects, syncs and checkpoints.
@@ -91,6 +95,8 @@ pub fn start_primary(
         observer,
         seq: 0,
         staging: Staging::new(ram),
+        commands: tx.clone(),
+        link: None,
     };
     std::thread::Builder::new()
         .name("colo-primary".into())
@@ -168,6 +174,9 @@ struct Worker {
     observer: Arc<dyn Observer>,
     seq: u64,
     staging: Staging,
+    /// For the proxy's checkpoint requests.
+    commands: MpscSender<Command>,
+    link: Option<PrimaryLink>,
 }
 
 impl Worker {
@@ -187,6 +196,11 @@ impl Worker {
             Some((_, reason)) => reason,
             None => end.reason,
         };
+        // Everything the compare holds goes out now: the PVM is on its own.
+        if let Some(link) = self.link.take() {
+            link.failover();
+            self.status.lock().proxy_ended(link.status());
+        }
         if let Some(s) = sender.as_mut() {
             s.abandon(&reason);
         }
@@ -212,6 +226,9 @@ impl Worker {
             Ok(s) => slot.insert(s),
             Err(e) => return End::new(e, false),
         };
+        if let Err(e) = self.connect_proxy() {
+            return End::new(e, false);
+        }
         if let Err(e) = self.sync(sender) {
             return End::new(e.context("initial sync"), true);
         }
@@ -325,6 +342,42 @@ impl Worker {
         .map_err(|e| e.to_string())
     }
 
+    /// Opens the proxy channel (after the checkpoint channels, as the secondary expects) and
+    /// puts the compare on the PVM's NIC.
+    fn connect_proxy(&mut self) -> Result<(), String> {
+        let addr = resolve(&self.cfg.peer)?;
+        let mut nics = self.vm.nics();
+        if nics.len() > 1 {
+            return Err(format!(
+                "COLO protects at most one NIC; this VM has {}",
+                nics.len()
+            ));
+        }
+        let psk = match &self.cfg.psk {
+            Some(k) => (**k).clone(),
+            None => Psk::public(),
+        };
+        let compare = CompareConfig {
+            timeout: self.cfg.compare_timeout,
+            ..CompareConfig::default()
+        };
+        let link = PrimaryLink::connect(
+            addr,
+            &psk,
+            IO_TIMEOUT,
+            compare,
+            nics.pop(),
+            self.commands.clone(),
+            proxy_broken(self.switch.clone(), self.cfg.heartbeat_timeout),
+        )
+        .map_err(|e| e.to_string())?;
+        let link = self.link.insert(link);
+        // The status reads the counters through the link's shared state, not the worker.
+        let shared = link.status_source();
+        self.status.lock().watch_proxy(shared);
+        Ok(())
+    }
+
     /// Copies the whole VM while it runs, a few rounds of what it dirtied meanwhile, then the
     /// first checkpoint. Rounds before it are acked, so the sender never runs ahead.
     fn sync(&mut self, sender: &mut Sender) -> Result<(), Failure> {
@@ -385,6 +438,13 @@ impl Worker {
         );
         let mut phases = Phases::start();
         let we_paused = self.vm.pause()?;
+        if let Some(link) = &self.link {
+            // PVM frames from now on belong to this checkpoint's epoch.
+            if let Err(e) = link.checkpoint_started(self.seq) {
+                self.vm.resume(we_paused)?;
+                return Err(e.into());
+            }
+        }
         // Resumes the PVM (unless the user had paused it or asked to stay paused); returns
         // how long it was paused.
         let resume = |phases: &mut Phases, failed: bool| -> Result<Duration, String> {
@@ -435,6 +495,9 @@ impl Worker {
             phases.mark("transfer");
             sender.complete().map_err(Failure::from)?;
             phases.mark("secondary");
+            if let Some(link) = &self.link {
+                link.checkpoint_done(self.seq)?;
+            }
             Ok::<_, Failure>(stats)
         })();
         if pause.is_none() {
@@ -501,6 +564,17 @@ impl Phases {
         self.done.insert(name.to_string(), ms(now - self.last));
         self.last = now;
     }
+}
+
+/// What either side does when its proxy channel breaks: the heartbeat says first whether the
+/// peer is gone; otherwise this side ends protection.
+pub(crate) fn proxy_broken(switch: Arc<FailoverSwitch>, heartbeat_timeout: Duration) -> OnBroken {
+    Arc::new(move |why| {
+        if switch.cause().is_none() {
+            switch.wait(heartbeat_timeout + VERDICT_SLACK);
+        }
+        switch.throw(Cause::Failed, format!("proxy channel: {why}"));
+    })
 }
 
 /// What the primary does with the heartbeat's news.

@@ -18,8 +18,11 @@ use migration::{DirtyBitmap, Event, MemRange, Receiver, ReceiverOptions, StartIn
 
 use crate::auth::{self, Psk};
 use crate::heartbeat::{Heartbeat, LostReason};
-use crate::primary::{clone_all, CHECKPOINT_PURPOSE, HEARTBEAT_PURPOSE, IO_TIMEOUT, VERDICT_SLACK};
+use crate::primary::{
+    clone_all, proxy_broken, CHECKPOINT_PURPOSE, HEARTBEAT_PURPOSE, IO_TIMEOUT, VERDICT_SLACK,
+};
 use crate::protection::{peer_may_be_gone, Cause, FailoverSwitch, Protection};
+use crate::proxy::link::SecondaryLink;
 use crate::ram_cache::{RamCache, PAGE_SIZE};
 use crate::record::{self, Reason};
 use crate::status::{
@@ -67,6 +70,7 @@ pub fn start_secondary(
         observer,
         vm: None,
         applied: 0,
+        link: None,
     };
     std::thread::Builder::new()
         .name("colo-secondary".into())
@@ -123,6 +127,8 @@ struct Worker {
     vm: Option<Arc<dyn ProtectedVm>>,
     /// Complete checkpoints applied to the SVM.
     applied: u64,
+    /// The proxy channel of the session.
+    link: Option<SecondaryLink>,
 }
 
 impl Worker {
@@ -152,6 +158,15 @@ impl Worker {
             && matches!(cause, Cause::PeerLost | Cause::Requested);
         if let Some(vm) = &self.vm {
             vm.stop_dirty_log();
+        }
+        if let Some(link) = self.link.take() {
+            if take_over {
+                // The SVM's own frames go to this host's tap from now on.
+                link.failover();
+            } else {
+                link.close();
+            }
+            self.status.lock().proxy_ended(link.status());
         }
         let exit = ColoExit {
             role: Role::Secondary,
@@ -252,6 +267,14 @@ impl Worker {
                 }
             })
             .map_err(|e| format!("the checkpoint channels after {from}'s heartbeat: {e}"))?;
+        let public = Psk::public();
+        let link = SecondaryLink::accept(
+            listener,
+            psk.as_deref().unwrap_or(&public),
+            IO_TIMEOUT,
+            proxy_broken(self.switch.clone(), self.cfg.heartbeat_timeout),
+        )
+        .map_err(|e| format!("the proxy channel after {from}'s heartbeat: {e}"))?;
         let clones = clone_all(&streams)?;
         let channels = streams.len() as u32;
         let mut receiver = Receiver::new(
@@ -274,6 +297,8 @@ impl Worker {
             .map_err(|e| format!("heartbeat socket: {e}"))?;
         self.switch.guard_streams(clones);
         self.start_heartbeat(hb)?;
+        self.status.lock().watch_proxy(link.status_source());
+        self.link = Some(link);
         {
             let mut s = self.status.lock();
             s.peer = Some(format!("{} (primary {from})", self.cfg.listen));
@@ -316,6 +341,10 @@ impl Worker {
             .create_vm(&start.config_json, start.vcpus, &regions)
             .map_err(|e| End::broken(format!("cannot build the SVM: {e}")))?;
         self.vm = Some(vm.clone());
+        if let Some(link) = &self.link {
+            link.attach(vm.nics())
+                .map_err(|e| End::refused(format!("the SVM's network: {e}"), false))?;
+        }
         let spans: Vec<(u64, u64)> = regions.iter().map(|r| (r.gpa, r.len)).collect();
         let cache = Arc::new(RamCache::new(&spans).map_err(|e| End::broken(e.to_string()))?);
         receiver
@@ -438,6 +467,12 @@ impl Worker {
             .map_err(|e| broken("loading the checkpoint's state", e))?;
         phases.insert("load".to_string(), ms(t.elapsed()));
         self.applied += 1;
+        if let Some(link) = &self.link {
+            // A broken channel ends protection by itself (its on_broken); the load stands.
+            if let Err(e) = link.checkpoint_loaded(rec.seq) {
+                log::warn!("COLO: {e}");
+            }
+        }
         let acked = receiver.ack();
         if first {
             vm.start_dirty_log()

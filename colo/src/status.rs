@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::proxy::link::ProxyStatus;
 use crate::record::Reason;
 
 /// Pause samples kept for the percentile (the last this many checkpoints).
@@ -148,6 +149,10 @@ pub struct ColoStatus {
     pub heartbeat: HeartbeatStatus,
     /// Milliseconds since the initial sync completed.
     pub protected_ms: Option<u64>,
+    /// The network proxy, once its channel is up.
+    pub proxy: Option<ProxyStatus>,
+    #[serde(skip)]
+    proxy_source: Option<ProxySource>,
     #[serde(skip)]
     pauses: VecDeque<f64>,
     #[serde(skip)]
@@ -186,6 +191,8 @@ impl ColoStatus {
             exit: None,
             heartbeat: HeartbeatStatus::default(),
             protected_ms: None,
+            proxy: None,
+            proxy_source: None,
             pauses: VecDeque::new(),
             totals: Totals::default(),
             protected_since: None,
@@ -196,6 +203,17 @@ impl ColoStatus {
     /// Reports the peer's heartbeat from now on.
     pub fn watch_heartbeat(&mut self, seen: crate::heartbeat::LastSeen) {
         self.seen = Some(seen);
+    }
+
+    /// Reports the proxy's live counters from now on.
+    pub fn watch_proxy(&mut self, source: Arc<dyn Fn() -> ProxyStatus + Send + Sync>) {
+        self.proxy_source = Some(ProxySource(source));
+    }
+
+    /// Keeps `last` as the proxy's final counters (its channel has closed).
+    pub fn proxy_ended(&mut self, last: ProxyStatus) {
+        self.proxy_source = None;
+        self.proxy = Some(last);
     }
 
     /// Records a complete checkpoint and its pause.
@@ -233,7 +251,26 @@ impl ColoStatus {
         if self.exit.is_none() {
             s.heartbeat.last_seen_ms_ago = self.seen.as_ref().and_then(|l| l.ms_ago());
         }
+        if let Some(src) = &self.proxy_source {
+            s.proxy = Some((src.0)());
+        }
         s
+    }
+}
+
+/// Where the live proxy counters come from (a closure into the proxy's link).
+#[derive(Clone)]
+struct ProxySource(Arc<dyn Fn() -> ProxyStatus + Send + Sync>);
+
+impl std::fmt::Debug for ProxySource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ProxySource")
+    }
+}
+
+impl PartialEq for ProxySource {
+    fn eq(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
     }
 }
 

@@ -2,7 +2,19 @@
 //! state format: it moves pages, and hands the saved state (the VM's `Stateful` snapshot,
 //! opaque bytes here) from one side's `save_state` to the other side's `load_state`.
 
+use devices::virtio::net::FilterSlot;
 use migration::{DirtyBitmap, GuestMemoryReader, MemRange};
+
+/// A NIC of a protected VM: where the COLO proxy joins its data path.
+#[derive(Clone, Debug)]
+pub struct ProtectedNic {
+    /// Its tap's name (for the status and logs).
+    pub tap: String,
+    /// The MAC address the guest sees.
+    pub mac: [u8; 6],
+    /// The filter slot of its chain (and its injector).
+    pub slot: FilterSlot,
+}
 
 /// A VM protected by COLO (the PVM on the primary, the SVM on the secondary).
 pub trait ProtectedVm: Send + Sync {
@@ -29,6 +41,10 @@ pub trait ProtectedVm: Send + Sync {
     /// Copies bytes into guest RAM without marking them dirty (the secondary's flush: these
     /// pages are the checkpoint, not the SVM's own writes).
     fn write_ram(&self, gpa: u64, data: &[u8]) -> Result<(), String>;
+    /// The VM's NICs (the proxy supports at most one).
+    fn nics(&self) -> Vec<ProtectedNic> {
+        Vec::new()
+    }
 }
 
 /// Builds the SVM on the secondary when the primary's first message arrives.

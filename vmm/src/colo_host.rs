@@ -39,6 +39,8 @@ pub struct VmParts {
     pub dirty: DirtyTracker,
     /// RAM regions.
     pub regions: Vec<MemRange>,
+    /// The NICs (for the proxy).
+    pub nics: Vec<colo::vm::ProtectedNic>,
 }
 
 /// A VM of this VMM, as COLO reaches it.
@@ -102,6 +104,10 @@ impl ProtectedVm for ColoVm {
 
     fn write_ram(&self, gpa: u64, data: &[u8]) -> Result<(), String> {
         write_untracked(&self.parts.memory, gpa, data)
+    }
+
+    fn nics(&self) -> Vec<colo::vm::ProtectedNic> {
+        self.parts.nics.clone()
     }
 }
 
@@ -186,6 +192,7 @@ pub fn parts_of(vm: &crate::vm::Vm) -> VmParts {
             .into_iter()
             .map(|r| MemRange::new(r.gpa, r.len))
             .collect(),
+        nics: vm.virtio().nics(),
     }
 }
 

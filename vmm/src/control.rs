@@ -39,6 +39,8 @@ pub struct Vmm {
     pub(crate) colo: Option<colo::Protection>,
     /// The secondary's own serial setting (the SVM's console is local, not the primary's).
     pub(crate) local_serial: Option<crate::config::SerialConfig>,
+    /// A COLO secondary's own taps for the SVM (`--net`).
+    pub(crate) local_nets: Vec<crate::config::NetConfig>,
     /// A COLO checkpoint holds the VM (between its pause and its resume).
     pub(crate) colo_hold: bool,
 }
@@ -81,6 +83,7 @@ impl Vmm {
             link_evt,
             colo: None,
             local_serial: None,
+            local_nets: Vec::new(),
             colo_hold: false,
         })
     }

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use api::{ApiError, ColoConfig, ColoRole, VmState};
 
 use crate::colo_host::{parts_of, ColoObserver, ColoRequest, ColoSecondaryHost, ColoVm};
-use crate::config::SerialConfig;
+use crate::config::{NetConfig, SerialConfig};
 use crate::control::Vmm;
 use crate::snapshot::VmSnapshot;
 use crate::vm::Start;
@@ -22,6 +22,11 @@ impl Vmm {
     /// Sets the console the SVM will use (the secondary's own `--serial`).
     pub fn set_local_serial(&mut self, serial: SerialConfig) {
         self.local_serial = Some(serial);
+    }
+
+    /// Sets the taps the SVM's NICs will use (the secondary's own `--net`), in order.
+    pub fn set_local_nets(&mut self, nets: Vec<NetConfig>) {
+        self.local_nets = nets;
     }
 
     /// Starts COLO in `cfg.role` (`--colo`, `vm.colo-start`).
@@ -56,10 +61,19 @@ impl Vmm {
                         ),
                     ));
                 }
-                if !vm.config().disks.is_empty() || !vm.config().nets.is_empty() {
+                if !vm.config().disks.is_empty() {
                     return Err(ApiError::new(
                         400,
-                        "COLO does not replicate disks or NICs yet: protect a VM without them",
+                        "COLO does not replicate disks yet: protect a VM without them",
+                    ));
+                }
+                if vm.config().nets.len() > 1 {
+                    return Err(ApiError::new(
+                        400,
+                        format!(
+                            "COLO's proxy protects one NIC; this VM has {}",
+                            vm.config().nets.len()
+                        ),
                     ));
                 }
                 let pcfg = colo::PrimaryConfig {
@@ -72,6 +86,7 @@ impl Vmm {
                         .map_err(|e| ApiError::from_error(500, &e))?,
                     vcpus: vm.config().cpus.boot.into(),
                     psk,
+                    compare_timeout: cfg.compare_timeout(),
                 };
                 let pvm = Arc::new(ColoVm::new(parts_of(vm), self.link.clone()));
                 colo::start_primary(pvm, pcfg, observer)
@@ -167,11 +182,10 @@ impl Vmm {
                 if let Some(serial) = &self.local_serial {
                     config.serial = serial.clone();
                 }
-                let r = if !config.disks.is_empty() || !config.nets.is_empty() {
-                    Err(
-                        "the primary's VM has disks or NICs, which COLO does not replicate yet"
-                            .to_string(),
-                    )
+                let r = if !config.disks.is_empty() {
+                    Err("the primary's VM has disks, which COLO does not replicate yet".to_string())
+                } else if let Err(e) = self.localize_nets(&mut config) {
+                    Err(e)
                 } else {
                     self.build_vm(&config, Start::Restore)
                         .map_err(|e| e.error)
@@ -184,6 +198,31 @@ impl Vmm {
             }
             ColoRequest::Exited(exit) => self.colo_exited(exit),
         }
+    }
+
+    /// Puts the SVM's NICs on this host's taps (`--net`), keeping the guest's MAC addresses:
+    /// the SVM is the same machine, which after a failover answers on this host's network.
+    fn localize_nets(&self, config: &mut crate::config::VmConfig) -> Result<(), String> {
+        if config.nets.len() != self.local_nets.len() {
+            return Err(format!(
+                "the primary's VM has {} NIC(s) and this secondary was given {} --net: give \
+                 the secondary one --net tap=NAME per NIC of the primary",
+                config.nets.len(),
+                self.local_nets.len()
+            ));
+        }
+        for (net, local) in config.nets.iter_mut().zip(&self.local_nets) {
+            let mac =
+                net.mac
+                    .unwrap_or(crate::config::MacAddr(crate::virtio_devices::default_mac(
+                        &net.tap,
+                    )));
+            *net = NetConfig {
+                mac: Some(mac),
+                ..local.clone()
+            };
+        }
+        Ok(())
     }
 
     /// Refuses what would replace or share the protected VM (a migration, a reboot, a new

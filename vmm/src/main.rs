@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use api::{EventMonitor, EventMonitorConfig};
 use clap::Parser;
 use vmm::cli::Cli;
-use vmm::config::SerialConfig;
+use vmm::config::{NetConfig, SerialConfig};
 use vmm::seccomp::{self, ThreadKind};
 use vmm::{VmOutcome, Vmm, VmmExit};
 
@@ -33,9 +33,14 @@ fn run(cli: &Cli) -> ExitCode {
             (Ok(c), Ok(p), Ok(r)) => (c, p, r),
             (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return fail(e),
         };
-    let colo = match (cli.colo_config(), SerialConfig::parse(&cli.serial)) {
-        (Ok(c), Ok(s)) => c.map(|c| (c, s)),
-        (Err(e), _) | (_, Err(e)) => return fail(e),
+    let local_nets: Result<Vec<_>, _> = cli.net.iter().map(|n| NetConfig::parse(n)).collect();
+    let colo = match (
+        cli.colo_config(),
+        SerialConfig::parse(&cli.serial),
+        local_nets,
+    ) {
+        (Ok(c), Ok(serial), Ok(nets)) => c.map(|c| (c, serial, nets)),
+        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return fail(e),
     };
     // Every thread created from here on inherits the VMM's filter.
     if let Err(e) = seccomp::apply(ThreadKind::Vmm, cli.seccomp) {
@@ -72,7 +77,7 @@ fn run_vmm(
     vmm: &mut Vmm,
     config: Option<vmm::config::VmConfig>,
     restore: Option<String>,
-    colo: Option<(api::ColoConfig, SerialConfig)>,
+    colo: Option<(api::ColoConfig, SerialConfig, Vec<NetConfig>)>,
 ) -> ExitCode {
     if let Some(url) = restore {
         if let Err(e) = vmm.restore_vm(&url).and_then(|()| vmm.resume()) {
@@ -86,8 +91,9 @@ fn run_vmm(
             return fail(format_args!("{}{causes}", e.error));
         }
     }
-    if let Some((cfg, serial)) = colo {
+    if let Some((cfg, serial, nets)) = colo {
         vmm.set_local_serial(serial);
+        vmm.set_local_nets(nets);
         if let Err(e) = vmm.start_colo(&cfg) {
             let causes: String = e.causes.iter().map(|c| format!(": {c}")).collect();
             return fail(format_args!("{}{causes}", e.error));

@@ -9,7 +9,7 @@ use devices::bus::{Bus, BusError};
 use devices::state::{ComponentState, StateError, Stateful};
 use devices::virtio::block::{Block, BlockConfig, RawFile};
 use devices::virtio::mmio::{MmioTransport, TransportError, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
-use devices::virtio::net::{Direction, FilterChain, Injector, Net, Packet, Tap};
+use devices::virtio::net::{Direction, FilterChain, FilterSlot, Injector, Net, Packet, Tap};
 use devices::virtio::VirtioDevice;
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vmm_sys_util::eventfd::EventFd;
@@ -120,6 +120,8 @@ pub struct DeviceMeta {
     pub counters: CounterReader,
     /// For NICs: how to send frames as the guest, and the guest's MAC.
     pub announce: Option<(Injector, [u8; 6])>,
+    /// For NICs: the filter slot COLO's proxy goes into.
+    pub slot: Option<FilterSlot>,
 }
 
 /// A RARP "I am here" frame from `mac`, as QEMU sends after a migration, so switches learn
@@ -189,6 +191,21 @@ impl VirtioDevices {
                 Err(p) => p.into_inner().resume_device(),
             }
         }
+    }
+
+    /// The NICs, for COLO's proxy.
+    pub fn nics(&self) -> Vec<colo::vm::ProtectedNic> {
+        self.meta
+            .iter()
+            .filter_map(|m| {
+                let (_, mac) = m.announce.as_ref()?;
+                Some(colo::vm::ProtectedNic {
+                    tap: m.id.clone(),
+                    mac: *mac,
+                    slot: m.slot.clone()?,
+                })
+            })
+            .collect()
     }
 
     /// Every transport's state, in slot order.
@@ -359,12 +376,13 @@ pub fn block_device(
         kind: "virtio-blk",
         counters: Box::new(move || counters.to_json()),
         announce: None,
+        slot: None,
     };
     Ok((block, meta))
 }
 
 /// A locally administered MAC derived from the tap name, stable across runs.
-fn default_mac(tap: &str) -> [u8; 6] {
+pub(crate) fn default_mac(tap: &str) -> [u8; 6] {
     // FNV-1a: any stable spread will do; 52:54:00 is the usual virtual-NIC prefix.
     let h = tap.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
@@ -400,6 +418,7 @@ pub fn net_device(net: &NetConfig) -> Result<(Net, DeviceMeta), VirtioAttachErro
         kind: "virtio-net",
         counters: Box::new(move || serde_json::to_value(counters.snapshot()).unwrap_or_default()),
         announce: Some((dev.injector(), mac)),
+        slot: Some(dev.filter_slot()),
     };
     Ok((dev, meta))
 }

@@ -590,6 +590,7 @@ mod tests {
                 heartbeat_interval_ms: None,
                 heartbeat_timeout_ms: None,
                 key_file: None,
+                compare_timeout_ms: None,
             })
         );
         assert!(matches!(

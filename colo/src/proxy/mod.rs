@@ -24,8 +24,11 @@
 //!   with frames and checkpoint events: [`session::PrimaryProxy`] (mirror, hold, compare and
 //!   release per checkpoint epoch, in order) and [`session::SecondaryProxy`] (mirrored frames
 //!   into the SVM by epoch, its output back, the sequence rewriting after a failover).
+//! - [`link`]: the sessions at run time — the proxy channel's connection and threads, the
+//!   filters on the PVM's and the SVM's NIC, and the hooks the checkpoint workers call.
 
 pub mod compare;
+pub mod link;
 pub mod packet;
 pub mod rewriter;
 pub mod session;

@@ -1069,6 +1069,7 @@ pub fn start_primary_side(
             config_json: config.into(),
             vcpus: 2,
             psk: PRIMARY_PSK.with(|k| k.borrow().clone()),
+            compare_timeout: std::time::Duration::from_secs(3),
         },
         obs.clone(),
     )

@@ -1,0 +1,421 @@
+//! The proxy at run time: the [`session`](super::session) state machines wired to a NIC's
+//! filter slot, the proxy channel's connection and the checkpoint workers.
+//!
+//! Each side owns one connection to the other (opened right after the checkpoint channels,
+//! authenticated with the same key, purpose [`wire::PURPOSE`]) and three threads: a reader (the
+//! peer's frames into the proxy), a writer (an [`Outbox`] queue onto the socket, so a filter on a
+//! NIC's worker thread never blocks on the network) and a ticker (the compare's timeouts, and
+//! packets the device's injection queue had no room for yet). The filter itself runs on the NIC's
+//! worker thread. All of them share the side's proxy under one mutex; the frames a proxy releases
+//! are injected under that mutex, so they reach the tap (or the guest) in the proxy's order.
+
+mod primary;
+mod secondary;
+
+pub use primary::PrimaryLink;
+pub use secondary::SecondaryLink;
+
+use std::collections::VecDeque;
+use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use devices::virtio::net::{Direction, InjectError, Injector, Packet};
+use serde::Serialize;
+
+use super::packet::{ConnKey, KeyDir};
+use super::session::{PrimaryCounters, SecondaryCounters};
+use super::wire::{self, FrameReader, FrameWriter, Message, WireError};
+use crate::auth::{Psk, Side};
+
+/// Frames waiting for the writer, at most: beyond, mirrored and SVM frames are dropped (and
+/// counted) rather than stalling a NIC; TCP resends them, the compare notices.
+pub const OUTBOX_LEN: usize = 8192;
+/// Packets waiting for room in a device's injection queue, at most.
+pub const BACKLOG_LEN: usize = 16_384;
+/// How often the reader and the writer look at the closed flag; the ticker's period.
+const POLL: Duration = Duration::from_millis(20);
+
+/// Errors setting up the proxy channel.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// Connecting, accepting or configuring the socket failed.
+    #[error("proxy channel: {0}")]
+    Io(#[from] std::io::Error),
+    /// The handshake or the hellos failed.
+    #[error("proxy channel: {0}")]
+    Wire(#[from] WireError),
+    /// No connection came.
+    #[error("proxy channel: the primary did not connect within {0:?}")]
+    NoPeer(Duration),
+    /// A thread could not be started.
+    #[error("proxy channel: cannot start a thread: {0}")]
+    Thread(std::io::Error),
+    /// The VM has more NICs than the proxy handles.
+    #[error("COLO protects at most one NIC; this VM has {0}")]
+    TooManyNics(usize),
+    /// The NIC's filter slot is in use.
+    #[error("the NIC's filter slot is in use: {0}")]
+    SlotTaken(String),
+}
+
+/// What the proxy channel did, for the status.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct LinkCounters {
+    /// Frames written to the peer.
+    pub frames_sent: u64,
+    /// Frames read from the peer.
+    pub frames_received: u64,
+    /// Packets dropped because the writer's queue was full.
+    pub outbox_dropped: u64,
+    /// Packets waiting for room in the NIC's injection queue now.
+    pub backlog: usize,
+    /// Packets dropped because that backlog was full, or the NIC was gone.
+    pub inject_dropped: u64,
+    /// Why the channel broke, if it did.
+    pub broken: Option<String>,
+}
+
+/// The proxy's part of `vm.colo-status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct ProxyStatus {
+    /// The protected NIC's tap, if the VM has one.
+    pub nic: Option<String>,
+    /// The primary's compare, rewriter and epochs.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub primary: Option<PrimaryCounters>,
+    /// The secondary's mirror and rewriting.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secondary: Option<SecondaryCounters>,
+    /// The last difference (or timeout) that asked for a checkpoint.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_divergence: Option<String>,
+    /// The channel between the hosts.
+    pub link: LinkCounters,
+}
+
+/// Counters the threads share.
+#[derive(Default)]
+struct LinkStats {
+    sent: AtomicU64,
+    received: AtomicU64,
+    outbox_dropped: AtomicU64,
+    inject_dropped: AtomicU64,
+    broken: std::sync::Mutex<Option<String>>,
+}
+
+impl LinkStats {
+    fn counters(&self, backlog: usize) -> LinkCounters {
+        LinkCounters {
+            frames_sent: self.sent.load(Ordering::Relaxed),
+            frames_received: self.received.load(Ordering::Relaxed),
+            outbox_dropped: self.outbox_dropped.load(Ordering::Relaxed),
+            backlog,
+            inject_dropped: self.inject_dropped.load(Ordering::Relaxed),
+            broken: self
+                .broken
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+        }
+    }
+}
+
+/// A message queued for the writer thread (owned: the wire's messages borrow).
+enum Outgoing {
+    Mirror(Vec<u8>),
+    SvmOutput(Vec<u8>),
+    Offset {
+        key: ConnKey,
+        guest_dir: KeyDir,
+        offset: u32,
+        epoch: u64,
+    },
+    Epoch(u64),
+}
+
+/// The writer thread's queue.
+#[derive(Clone)]
+struct Outbox {
+    tx: SyncSender<Outgoing>,
+    stats: Arc<LinkStats>,
+}
+
+impl Outbox {
+    /// Queues a packet, or drops it (counted) when the writer is behind: a NIC never waits.
+    fn packet(&self, o: Outgoing) {
+        match self.tx.try_send(o) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.stats.outbox_dropped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Queues a message the protocol cannot lose (an epoch marker), waiting for room; fails
+    /// only once the writer is gone (its socket writes are bounded by their timeout).
+    fn control(&self, o: Outgoing) -> Result<(), String> {
+        self.tx
+            .send(o)
+            .map_err(|_| "the proxy channel is closed".to_string())
+    }
+}
+
+/// Packets released towards one side of a NIC, in order, past a full injection queue.
+struct Backlog {
+    dir: Direction,
+    frames: VecDeque<Packet>,
+}
+
+impl Backlog {
+    fn new(dir: Direction) -> Self {
+        Backlog {
+            dir,
+            frames: VecDeque::new(),
+        }
+    }
+
+    /// Injects `frame` after those waiting already.
+    fn push(&mut self, injector: Option<&Injector>, frame: Vec<u8>, stats: &LinkStats) {
+        let Ok(pkt) = Packet::new(frame) else {
+            stats.inject_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        };
+        if self.frames.is_empty() {
+            if let Some(inj) = injector {
+                match inj.inject(self.dir, pkt) {
+                    Ok(()) => return,
+                    Err(InjectError::Full(_, p)) => {
+                        self.frames.push_back(p);
+                        return;
+                    }
+                    Err(InjectError::Closed(..)) => {}
+                }
+            }
+            stats.inject_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        if self.frames.len() >= BACKLOG_LEN {
+            stats.inject_dropped.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        self.frames.push_back(pkt);
+    }
+
+    /// Injects what waits, until the queue is full again.
+    fn flush(&mut self, injector: Option<&Injector>, stats: &LinkStats) {
+        let Some(inj) = injector else {
+            let n = self.frames.len() as u64;
+            self.frames.clear();
+            stats.inject_dropped.fetch_add(n, Ordering::Relaxed);
+            return;
+        };
+        while let Some(p) = self.frames.pop_front() {
+            match inj.inject(self.dir, p) {
+                Ok(()) => {}
+                Err(InjectError::Full(_, p)) => {
+                    self.frames.push_front(p);
+                    return;
+                }
+                Err(InjectError::Closed(..)) => {
+                    let n = self.frames.len() as u64 + 1;
+                    self.frames.clear();
+                    stats.inject_dropped.fetch_add(n, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Called once if the channel breaks while open (not after [`Channel::close`]).
+pub type OnBroken = Arc<dyn Fn(String) + Send + Sync>;
+
+/// One side's connection: the socket (to shut it down) and the threads' common flags.
+struct Channel {
+    stream: TcpStream,
+    closed: AtomicBool,
+    broke: AtomicBool,
+    stats: Arc<LinkStats>,
+    on_broken: OnBroken,
+}
+
+impl Channel {
+    /// Marks the channel broken once, unless it was closed on purpose.
+    fn broken(&self, why: String) {
+        if self.closed.load(Ordering::Acquire) || self.broke.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        log::warn!("COLO proxy: {why}");
+        *self
+            .stats
+            .broken
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why.clone());
+        (self.on_broken)(why);
+    }
+
+    /// Stops the threads: reads and writes fail at once.
+    fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+        let _ = self.stream.shutdown(Shutdown::Both);
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+}
+
+/// An authenticated connection past the hellos.
+struct Opened {
+    reader: FrameReader<TcpStream>,
+    writer: FrameWriter<TcpStream>,
+    stream: TcpStream,
+}
+
+/// Connects to the secondary's listener and authenticates as the primary.
+fn connect(addr: SocketAddr, psk: &Psk, timeout: Duration) -> Result<Opened, LinkError> {
+    let stream = TcpStream::connect_timeout(&addr, timeout)?;
+    open(stream, psk, Side::Primary, timeout)
+}
+
+/// Takes the primary's proxy connection from `listener` (the next one within `timeout`).
+fn accept(listener: &TcpListener, psk: &Psk, timeout: Duration) -> Result<Opened, LinkError> {
+    migration::transport::wait_for_connection(listener.as_raw_fd(), timeout)
+        .map_err(|_| LinkError::NoPeer(timeout))?;
+    let (stream, _) = listener.accept()?;
+    open(stream, psk, Side::Secondary, timeout)
+}
+
+fn open(
+    mut stream: TcpStream,
+    psk: &Psk,
+    side: Side,
+    timeout: Duration,
+) -> Result<Opened, LinkError> {
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    let key = wire::handshake(&mut stream, psk, side)?;
+    let (reader, writer) = wire::open(stream.try_clone()?, stream.try_clone()?, key, side)?;
+    // From now on reads poll the closed flag; writes keep their bound.
+    stream.set_read_timeout(Some(POLL * 10))?;
+    Ok(Opened {
+        reader,
+        writer,
+        stream,
+    })
+}
+
+/// Starts the writer thread; returns its queue.
+fn spawn_writer(
+    name: &str,
+    mut writer: FrameWriter<TcpStream>,
+    chan: Arc<Channel>,
+) -> Result<(Outbox, JoinHandle<()>), LinkError> {
+    let (tx, rx): (SyncSender<Outgoing>, Receiver<Outgoing>) = sync_channel(OUTBOX_LEN);
+    let outbox = Outbox {
+        tx,
+        stats: chan.stats.clone(),
+    };
+    let handle = std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || loop {
+            let o = match rx.recv_timeout(POLL * 5) {
+                Ok(o) => o,
+                Err(RecvTimeoutError::Timeout) if !chan.is_closed() => continue,
+                Err(_) => return,
+            };
+            let msg = match &o {
+                Outgoing::Mirror(f) => Message::Mirror { frame: f },
+                Outgoing::SvmOutput(f) => Message::SvmOutput { frame: f },
+                Outgoing::Offset {
+                    key,
+                    guest_dir,
+                    offset,
+                    epoch,
+                } => Message::IsnOffset {
+                    key: *key,
+                    guest_dir: *guest_dir,
+                    offset: *offset,
+                    checkpoint: *epoch,
+                },
+                Outgoing::Epoch(n) => Message::Epoch { checkpoint: *n },
+            };
+            if let Err(e) = writer.write(&msg) {
+                chan.broken(format!("sending to the peer: {e}"));
+                return;
+            }
+            chan.stats.sent.fetch_add(1, Ordering::Relaxed);
+        })
+        .map_err(LinkError::Thread)?;
+    Ok((outbox, handle))
+}
+
+/// Starts the reader thread: `handle` gets every frame after the hellos; a `Bye` or an error
+/// ends it.
+fn spawn_reader(
+    name: &str,
+    mut reader: FrameReader<TcpStream>,
+    chan: Arc<Channel>,
+    mut handle: impl FnMut(Message<'_>) -> Result<(), String> + Send + 'static,
+) -> Result<JoinHandle<()>, LinkError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || loop {
+            match reader.read() {
+                Ok(Message::Bye { reason }) => {
+                    log::info!("COLO proxy: the peer ended the channel: {reason}");
+                    return;
+                }
+                Ok(msg) => {
+                    chan.stats.received.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = handle(msg) {
+                        chan.broken(e);
+                        return;
+                    }
+                }
+                Err(e) if e.is_timeout() && !chan.is_closed() => {}
+                Err(e) => {
+                    chan.broken(format!("reading from the peer: {e}"));
+                    return;
+                }
+            }
+        })
+        .map_err(LinkError::Thread)
+}
+
+/// Starts the ticker thread: `tick` runs every [`POLL`] until the channel closes.
+fn spawn_ticker(
+    name: &str,
+    chan: Arc<Channel>,
+    mut tick: impl FnMut() + Send + 'static,
+) -> Result<JoinHandle<()>, LinkError> {
+    std::thread::Builder::new()
+        .name(name.into())
+        .spawn(move || {
+            while !chan.is_closed() {
+                std::thread::sleep(POLL);
+                tick();
+            }
+        })
+        .map_err(LinkError::Thread)
+}
+
+/// Joins `threads` (after the channel was closed, they end within a poll period).
+fn join_all(threads: &std::sync::Mutex<Vec<JoinHandle<()>>>) {
+    let handles = std::mem::take(
+        &mut *threads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner),
+    );
+    for h in handles {
+        if h.join().is_err() {
+            log::error!("COLO proxy: a thread panicked");
+        }
+    }
+}
