@@ -456,6 +456,9 @@ impl Worker {
             }
         };
         phases.insert("pause".to_string(), ms(t0.elapsed()));
+        if let Some(link) = &self.link {
+            link.checkpoint_applying();
+        }
         // From here on the SVM's memory changes: finish, whatever the switch says.
         let t = Instant::now();
         let flushed = cache

@@ -149,6 +149,22 @@ impl SecondaryLink {
         Ok(())
     }
 
+    /// The SVM paused to load a checkpoint (before the flush): mirrored frames of its old
+    /// epoch that it has not taken yet, or that still arrive, are covered by the checkpoint.
+    pub fn checkpoint_applying(&self) {
+        let mut st = self.shared.lock();
+        let st = &mut *st;
+        st.proxy.checkpoint_applying();
+        let mut stale = st.backlog.frames.len();
+        st.backlog.frames.clear();
+        if let Some(nic) = &st.nic {
+            stale += nic.slot.discard_injected(Direction::Rx);
+        }
+        if stale > 0 {
+            log::debug!("COLO proxy: {stale} mirrored frames are in the checkpoint being loaded");
+        }
+    }
+
     /// The SVM loaded checkpoint `n` and is still paused: the marker to the primary, then the
     /// mirrored frames that waited for this epoch into its rx.
     pub fn checkpoint_loaded(&self, n: u64) -> Result<(), String> {

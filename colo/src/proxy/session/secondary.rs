@@ -78,6 +78,8 @@ pub struct SecondaryProxy {
     /// Offsets told for a later epoch.
     pending: Vec<(u64, ConnKey, KeyDir, u32)>,
     failed_over: bool,
+    /// The SVM is paused to load the next checkpoint.
+    applying: bool,
     /// After the failover: the client's ACKs and SACK blocks into the SVM's space.
     rewriter: SeqRewriter,
     counters: SecondaryCounters,
@@ -126,6 +128,7 @@ impl SecondaryProxy {
             offsets: HashMap::new(),
             pending: Vec::new(),
             failed_over: false,
+            applying: false,
             rewriter: SeqRewriter::new(),
             counters: SecondaryCounters::default(),
         }
@@ -157,7 +160,7 @@ impl SecondaryProxy {
         if self.failed_over {
             return None;
         }
-        if self.mirror_epoch == self.svm_epoch && self.svm_epoch > 0 {
+        if self.mirror_epoch == self.svm_epoch && self.svm_epoch > 0 && !self.applying {
             self.counters.injected += 1;
             return Some(frame);
         }
@@ -242,6 +245,13 @@ impl SecondaryProxy {
         }
     }
 
+    /// The SVM paused to load the next checkpoint: frames of its current epoch that still
+    /// arrive reached the PVM before that checkpoint's pause, which accounts for them — they
+    /// are dropped, not injected into an SVM that is about to become the checkpoint.
+    pub fn checkpoint_applying(&mut self) {
+        self.applying = true;
+    }
+
     /// The SVM loaded checkpoint `n` (and is still paused): its offsets start at zero, the
     /// mirrored frames that waited for `n` are returned for its rx and older ones dropped;
     /// the marker goes to the primary before anything the SVM sends next.
@@ -257,6 +267,7 @@ impl SecondaryProxy {
             });
         }
         self.svm_epoch = n;
+        self.applying = false;
         self.offsets.clear();
         let mut dropped = 0;
         let mut later = Vec::new();

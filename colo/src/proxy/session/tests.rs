@@ -457,6 +457,26 @@ fn secondary_injects_mirrored_frames_by_epoch() {
 }
 
 #[test]
+fn frames_of_the_old_epoch_arriving_during_a_load_are_not_injected() {
+    let mut s = SecondaryProxy::new();
+    let f = |n: u8| client(u32::from(n), 0, ACK, &[n]);
+    s.mirror_epoch(1).unwrap();
+    s.checkpoint_loaded(1).unwrap();
+    assert_eq!(s.mirrored(f(1)), Some(f(1)));
+    // The SVM pauses for checkpoint 2 before the primary's marker 2 arrived: what still comes
+    // marked 1 reached the PVM before checkpoint 2's pause, so checkpoint 2 holds it.
+    s.checkpoint_applying();
+    assert_eq!(s.mirrored(f(2)), None);
+    s.mirror_epoch(2).unwrap();
+    assert_eq!(s.mirrored(f(3)), None);
+    let loaded = s.checkpoint_loaded(2).unwrap();
+    assert_eq!(loaded.inject, vec![f(3)]);
+    assert_eq!(s.counters().stale_mirrored, 1);
+    // Loaded: frames of the SVM's epoch go straight in again.
+    assert_eq!(s.mirrored(f(4)), Some(f(4)));
+}
+
+#[test]
 fn secondary_sends_the_svms_frames_to_the_primary_only() {
     let mut s = SecondaryProxy::new();
     let f = guest(SVM_ISN, 1, ACK, b"x");

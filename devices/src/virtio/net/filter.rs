@@ -204,12 +204,30 @@ struct SlotInner {
     filter: Mutex<Option<Box<dyn PacketFilter>>>,
 }
 
+/// The receiving ends of a chain's injection queues (the worker's, and the slot's to discard).
+struct Injected {
+    rx: Mutex<Receiver<Packet>>,
+    tx: Mutex<Receiver<Packet>>,
+}
+
+impl Injected {
+    fn queue(&self, dir: Direction) -> std::sync::MutexGuard<'_, Receiver<Packet>> {
+        match dir {
+            Direction::Rx => &self.rx,
+            Direction::Tx => &self.tx,
+        }
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
 /// The place on the tap side of a chain where a filter can be put, and taken out again, while
 /// the device runs: how COLO's proxy joins a NIC that was built (and booted) unprotected.
 #[derive(Clone)]
 pub struct FilterSlot {
     inner: Arc<SlotInner>,
     injector: Injector,
+    injected: Arc<Injected>,
 }
 
 impl FilterSlot {
@@ -249,6 +267,14 @@ impl FilterSlot {
         self.injector.clone()
     }
 
+    /// Drops the packets injected in `dir` that the device has not taken yet (a COLO
+    /// secondary's mirrored frames that the checkpoint being loaded already accounts for);
+    /// returns how many.
+    pub fn discard_injected(&self, dir: Direction) -> usize {
+        let queue = self.injected.queue(dir);
+        std::iter::from_fn(|| queue.try_recv().ok()).count()
+    }
+
     fn process(&self, dir: Direction, pkt: &mut Packet) -> Verdict {
         if !self.is_armed() {
             return Verdict::Pass;
@@ -276,8 +302,7 @@ pub struct FilterChain {
     filters: Vec<Box<dyn PacketFilter>>,
     slot: FilterSlot,
     injector: Injector,
-    injected_rx: Receiver<Packet>,
-    injected_tx: Receiver<Packet>,
+    injected: Arc<Injected>,
     wake: Arc<EventFd>,
 }
 
@@ -292,6 +317,10 @@ impl FilterChain {
             tx: tx_send,
             wake: wake.clone(),
         };
+        let injected = Arc::new(Injected {
+            rx: Mutex::new(injected_rx),
+            tx: Mutex::new(injected_tx),
+        });
         Ok(Self {
             filters: Vec::new(),
             slot: FilterSlot {
@@ -300,10 +329,10 @@ impl FilterChain {
                     filter: Mutex::new(None),
                 }),
                 injector: injector.clone(),
+                injected: injected.clone(),
             },
             injector,
-            injected_rx,
-            injected_tx,
+            injected,
             wake,
         })
     }
@@ -372,8 +401,8 @@ impl FilterChain {
     /// The next injected packet for `dir`, if any (worker side).
     pub fn next_injected(&self, dir: Direction) -> Option<Packet> {
         match dir {
-            Direction::Rx => self.injected_rx.try_recv().ok(),
-            Direction::Tx => self.injected_tx.try_recv().ok(),
+            Direction::Rx => self.injected.queue(Direction::Rx).try_recv().ok(),
+            Direction::Tx => self.injected.queue(Direction::Tx).try_recv().ok(),
         }
     }
 
@@ -609,6 +638,14 @@ mod tests {
         log.lock().unwrap().clear();
         chain.process(Direction::Tx, &mut pkt(b"3"));
         assert_eq!(*log.lock().unwrap(), ["a:Tx"]);
+        // Injected packets not yet taken can be discarded through the slot.
+        let inj = slot.injector();
+        inj.inject(Direction::Rx, pkt(b"stale")).unwrap();
+        inj.inject(Direction::Rx, pkt(b"stale")).unwrap();
+        inj.inject(Direction::Tx, pkt(b"kept")).unwrap();
+        assert_eq!(slot.discard_injected(Direction::Rx), 2);
+        assert!(chain.next_injected(Direction::Rx).is_none());
+        assert_eq!(chain.next_injected(Direction::Tx).unwrap().frame(), b"kept");
         // A slot filter that drops stops an Rx packet before the pushed filters see it.
         slot.install(probe("d", &log, Verdict::Drop)).unwrap();
         log.lock().unwrap().clear();
