@@ -49,6 +49,80 @@ fn volume(bytes: &Value, pages: &Value) -> Option<String> {
     Some(format!("{}{pages}", bytes_h(bytes.as_u64()?)))
 }
 
+/// The proxy's part of the status: what was compared and released (primary) or injected
+/// and sent back (secondary), and the channel's drops.
+fn proxy_rows(p: &Value) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    if !p.is_object() {
+        return rows;
+    }
+    if let Some(nic) = p["nic"].as_str() {
+        rows.push(vec!["proxy nic".into(), nic.to_string()]);
+    }
+    let pr = &p["primary"];
+    if pr.is_object() {
+        let c = &pr["compare"];
+        rows.push(vec![
+            "proxy".into(),
+            format!(
+                "{} mirrored; PVM {} / SVM {} packets, {} compared, {} released ({} unmatched \
+                 at a checkpoint), {} mismatches, {} timeouts, {} overflows, queue {} (max {})",
+                n(&pr["mirrored"]),
+                n(&c["primary_packets"]),
+                n(&c["secondary_packets"]),
+                bytes_h(n(&c["compared_bytes"])),
+                n(&c["released"]),
+                n(&c["flushed"]),
+                n(&c["mismatches"]),
+                n(&c["timeouts"]),
+                n(&c["overflows"]),
+                n(&c["queue_depth"]),
+                n(&c["queue_depth_max"]),
+            ),
+        ]);
+        if let Some(d) = p["last_divergence"].as_str() {
+            rows.push(vec!["last divergence".into(), d.to_string()]);
+        }
+    }
+    let se = &p["secondary"];
+    if se.is_object() {
+        rows.push(vec![
+            "proxy".into(),
+            format!(
+                "{} injected, {} sent to the primary, {} stale, {} from the tap dropped{}",
+                n(&se["injected"]),
+                n(&se["svm_out"]),
+                n(&se["stale_mirrored"]),
+                n(&se["tap_dropped"]),
+                if se["failed_over"].as_bool() == Some(true) {
+                    ", on its own tap now"
+                } else {
+                    ""
+                }
+            ),
+        ]);
+    }
+    let l = &p["link"];
+    if l.is_object() {
+        let broken = l["broken"]
+            .as_str()
+            .map(|b| format!(", broken: {b}"))
+            .unwrap_or_default();
+        rows.push(vec![
+            "proxy channel".into(),
+            format!(
+                "{} frames sent, {} received, {} dropped (queue full), {} not injected{broken}",
+                n(&l["frames_sent"]),
+                n(&l["frames_received"]),
+                n(&l["outbox_dropped"]),
+                n(&l["inject_dropped"]),
+            ),
+        ]);
+    }
+    rows
+}
+
 /// `vm.colo-status` as a table; `None` if the reply is not an object with a role and state.
 pub fn status_table(v: &Value) -> Option<String> {
     let text = |key: &str| v[key].as_str().map(String::from);
@@ -138,6 +212,7 @@ pub fn status_table(v: &Value) -> Option<String> {
             ),
         ]);
     }
+    rows.extend(proxy_rows(&v["proxy"]));
     let exit = &v["exit"];
     if let Some(reason) = exit["reason"].as_str() {
         let when = match exit["during_checkpoint"].as_bool() {
@@ -152,4 +227,38 @@ pub fn status_table(v: &Value) -> Option<String> {
         rows.push(vec!["exit".into(), format!("{reason}{when}{after}")]);
     }
     Some(table(&rows, ""))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn the_table_shows_the_proxy_of_either_side() {
+        let base = json!({"role": "primary", "state": "protected", "proxy": {
+            "nic": "tap0",
+            "primary": {"mirrored": 7, "compare": {"primary_packets": 5, "mismatches": 1}},
+            "last_divergence": "mismatch: tcp 10.0.0.1:80",
+            "link": {"frames_sent": 9, "frames_received": 4, "outbox_dropped": 0,
+                     "inject_dropped": 0, "broken": null}
+        }});
+        let t = status_table(&base).unwrap();
+        assert!(t.contains("7 mirrored; PVM 5 / SVM 0 packets"), "{t}");
+        assert!(t.contains("1 mismatches"), "{t}");
+        assert!(t.contains("mismatch: tcp 10.0.0.1:80"), "{t}");
+        assert!(t.contains("9 frames sent, 4 received"), "{t}");
+        let sec = json!({"role": "secondary", "state": "failed-over", "proxy": {
+            "nic": "tap0",
+            "secondary": {"injected": 3, "svm_out": 2, "failed_over": true},
+            "link": {"broken": "reading from the peer: closed"}
+        }});
+        let t = status_table(&sec).unwrap();
+        assert!(t.contains("3 injected, 2 sent to the primary"), "{t}");
+        assert!(t.contains("on its own tap now"), "{t}");
+        assert!(t.contains("broken: reading from the peer: closed"), "{t}");
+        // No proxy (a status from before its channel was up): no proxy rows.
+        let none = status_table(&json!({"role": "primary", "state": "syncing"})).unwrap();
+        assert!(!none.contains("proxy"), "{none}");
+    }
 }
