@@ -44,6 +44,8 @@
 //! Everything runs on the caller's clock (`now` arguments), so it is deterministic in tests.
 //! Call [`ColoCompare::tick`] every [`DEFAULT_SCAN_PERIOD`] or so to catch timeouts.
 
+#[cfg(test)]
+mod captured_tests;
 mod classify;
 mod conn;
 mod datagram;
