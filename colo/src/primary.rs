@@ -371,6 +371,10 @@ impl Worker {
             proxy_broken(self.switch.clone(), self.cfg.heartbeat_timeout),
         )
         .map_err(|e| e.to_string())?;
+        let socket = link
+            .socket()
+            .map_err(|e| format!("proxy channel socket: {e}"))?;
+        self.switch.guard_streams(vec![Box::new(socket)]);
         let link = self.link.insert(link);
         // The status reads the counters through the link's shared state, not the worker.
         let shared = link.status_source();

@@ -275,7 +275,11 @@ impl Worker {
             proxy_broken(self.switch.clone(), self.cfg.heartbeat_timeout),
         )
         .map_err(|e| format!("the proxy channel after {from}'s heartbeat: {e}"))?;
-        let clones = clone_all(&streams)?;
+        let mut clones = clone_all(&streams)?;
+        clones.push(Box::new(
+            link.socket()
+                .map_err(|e| format!("proxy channel socket: {e}"))?,
+        ));
         let channels = streams.len() as u32;
         let mut receiver = Receiver::new(
             streams,

@@ -130,6 +130,59 @@ pub struct MockVm {
     pub name: String,
     memory: MockMemory,
     ctl: Mutex<Ctl>,
+    nic: Mutex<Option<Arc<MockNic>>>,
+}
+
+/// A NIC of a mock VM: the filter chain a virtio-net worker would run, driven by the test —
+/// `process(Rx)` is a frame from the tap, `process(Tx)` one the guest sends,
+/// `next_injected` what the proxy released to the tap (Tx) or the guest (Rx).
+pub struct MockNic {
+    pub chain: Mutex<devices::virtio::net::FilterChain>,
+    protected: colo::vm::ProtectedNic,
+}
+
+impl MockNic {
+    pub fn new(tap: &str) -> Arc<MockNic> {
+        let chain = devices::virtio::net::FilterChain::new().expect("filter chain");
+        let protected = colo::vm::ProtectedNic {
+            tap: tap.into(),
+            mac: [0x52, 0x54, 0, 0x12, 0x34, 0x56],
+            slot: chain.slot(),
+        };
+        Arc::new(MockNic {
+            chain: Mutex::new(chain),
+            protected,
+        })
+    }
+
+    /// Runs `frame` through the chain in `dir`; the verdict and the frame as it left.
+    pub fn process(
+        &self,
+        dir: devices::virtio::net::Direction,
+        frame: &[u8],
+    ) -> (devices::virtio::net::Verdict, Vec<u8>) {
+        let mut pkt = devices::virtio::net::Packet::from_frame(frame);
+        let v = lock(&self.chain).process(dir, &mut pkt);
+        (v, pkt.frame().to_vec())
+    }
+
+    /// The next packet the proxy injected in `dir` (its Ethernet frame).
+    pub fn injected(&self, dir: devices::virtio::net::Direction) -> Option<Vec<u8>> {
+        lock(&self.chain)
+            .next_injected(dir)
+            .map(|p| p.frame().to_vec())
+    }
+
+    /// Whether a filter is in the chain's slot.
+    pub fn filtered(&self) -> bool {
+        self.protected.slot.is_armed()
+    }
+}
+
+thread_local! {
+    /// Whether the next VMs made on this thread (the PVM, and the SVM of the next secondary)
+    /// have a NIC.
+    pub static WITH_NICS: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
 }
 
 impl MockVm {
@@ -150,7 +203,20 @@ impl MockVm {
                 dirty,
                 ..Ctl::default()
             }),
+            nic: Mutex::new(None),
         })
+    }
+
+    /// Gives the VM a NIC.
+    pub fn add_nic(&self, tap: &str) -> Arc<MockNic> {
+        let nic = MockNic::new(tap);
+        *lock(&self.nic) = Some(nic.clone());
+        nic
+    }
+
+    /// The VM's NIC, if it has one.
+    pub fn nic(&self) -> Option<Arc<MockNic>> {
+        lock(&self.nic).clone()
     }
 
     /// Fills the first `fraction` of every region with random bytes (the rest stays zero),
@@ -351,6 +417,12 @@ impl ProtectedVm for MockVm {
         c.ram_writes_since_load += 1;
         Ok(())
     }
+
+    fn nics(&self) -> Vec<colo::vm::ProtectedNic> {
+        self.nic()
+            .map(|n| vec![n.protected.clone()])
+            .unwrap_or_default()
+    }
 }
 
 /// A guest: writes `per_tick` random pages every millisecond while the VM runs.
@@ -436,6 +508,7 @@ pub struct MockHost {
     pub expected_regions: Vec<MemRange>,
     pub svm_mutates: bool,
     pub seed: u64,
+    pub nics: bool,
     pub shared: Arc<HostShared>,
 }
 
@@ -483,6 +556,9 @@ impl SecondaryHost for MockHost {
         }
         // Not running yet: the first checkpoint resumes it.
         let vm = MockVm::new("svm", regions, true);
+        if self.nics {
+            vm.add_nic("svm-tap");
+        }
         *lock(&self.shared.svm) = Some(vm.clone());
         if self.svm_mutates {
             *lock(&self.shared.mutator) = Some(Mutator::start(vm.clone(), self.seed, 2));
@@ -1025,6 +1101,7 @@ pub fn start_secondary_side(config: &str, svm_mutates: bool, hold: bool) -> Seco
             expected_regions: test_regions(),
             svm_mutates,
             seed: Rng::seeded().next_u64(),
+            nics: WITH_NICS.with(|n| n.get()),
             shared: host.clone(),
         }),
         obs.clone(),
@@ -1055,6 +1132,9 @@ pub fn start_primary_side(
 ) -> PrimarySide {
     let mut rng = Rng::seeded();
     let pvm = MockVm::new("pvm", &test_regions(), false);
+    if WITH_NICS.with(|n| n.get()) {
+        pvm.add_nic("pvm-tap");
+    }
     pvm.fill_random(&mut rng, 0.5);
     let mutator = mutates.then(|| Mutator::start(pvm.clone(), rng.next_u64(), 2));
     let obs = Arc::new(Recorder::default());

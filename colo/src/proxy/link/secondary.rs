@@ -191,6 +191,12 @@ impl SecondaryLink {
         self.shared.lock().proxy.failover();
     }
 
+    /// A second handle on the channel's socket, for the failover switch to shut down: a
+    /// writer blocked on a hung peer then fails at once instead of after its timeout.
+    pub fn socket(&self) -> std::io::Result<std::net::TcpStream> {
+        self.shared.chan.stream.try_clone()
+    }
+
     /// Closes the channel and waits for its threads.
     pub fn close(&self) {
         self.shared.chan.close();
