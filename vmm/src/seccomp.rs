@@ -267,10 +267,29 @@ pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>,
         SeccompMode::Enforce => SeccompAction::Trap,
         SeccompMode::Log => SeccompAction::Log,
     };
-    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = allowed(kind)
+    let mut rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> = allowed(kind)
         .into_iter()
         .map(|(nr, _why)| (nr, Vec::new()))
         .collect();
+    // Every thread may ask whether a descriptor is open — std's debug builds do before closing
+    // one (`OwnedFd::drop`), e.g. a net worker dropping the eventfds it was started with — and
+    // read its own name, which the SIGSYS handler reports.
+    for (nr, arg, value) in [
+        (libc::SYS_fcntl, 1, libc::F_GETFD as u64),
+        (libc::SYS_prctl, 0, libc::PR_GET_NAME as u64),
+    ] {
+        if let std::collections::btree_map::Entry::Vacant(e) = rules.entry(nr) {
+            let only = seccompiler::SeccompCondition::new(
+                arg,
+                seccompiler::SeccompCmpArgLen::Dword,
+                seccompiler::SeccompCmpOp::Eq,
+                value,
+            )
+            .and_then(|c| seccompiler::SeccompRule::new(vec![c]))
+            .map_err(|source| SeccompError::Build { kind, source })?;
+            e.insert(vec![only]);
+        }
+    }
     let filter = SeccompFilter::new(rules, mismatch, SeccompAction::Allow, TargetArch::x86_64)
         .map_err(|source| SeccompError::Build { kind, source })?;
     BpfProgram::try_from(filter)
@@ -401,6 +420,47 @@ mod tests {
             err.contains(&format!(
                 "thread 'api-test' made forbidden syscall {}",
                 libc::SYS_socket
+            )),
+            "{err}"
+        );
+    }
+
+    /// A net worker may ask whether a descriptor is open (std's debug builds do before every
+    /// close) but not change a descriptor's flags.
+    #[test]
+    fn fcntl_is_allowed_only_to_ask_whether_a_descriptor_is_open() {
+        if std::env::var("COLOVMM_SECCOMP_CHILD_FCNTL").is_ok() {
+            let t = std::thread::Builder::new()
+                .name("net-test".into())
+                .spawn(|| {
+                    apply(ThreadKind::Net, SeccompMode::Enforce).unwrap();
+                    // SAFETY: plain syscalls on stdin's descriptor, which stays open.
+                    let flags = unsafe { libc::fcntl(0, libc::F_GETFD) };
+                    eprintln!("F_GETFD -> {flags}");
+                    // SAFETY: as above; the filter must stop it.
+                    unsafe { libc::fcntl(0, libc::F_SETFL, libc::O_NONBLOCK) };
+                })
+                .unwrap();
+            let _ = t.join();
+            std::process::exit(0);
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "seccomp::tests::fcntl_is_allowed_only_to_ask_whether_a_descriptor_is_open",
+                "--nocapture",
+            ])
+            .env("COLOVMM_SECCOMP_CHILD_FCNTL", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("F_GETFD -> "), "{err}");
+        assert!(!err.contains("F_GETFD -> -1"), "{err}");
+        assert_eq!(out.status.code(), Some(31), "{err}");
+        assert!(
+            err.contains(&format!(
+                "thread 'net-test' made forbidden syscall {}",
+                libc::SYS_fcntl
             )),
             "{err}"
         );
