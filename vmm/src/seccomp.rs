@@ -260,6 +260,31 @@ fn allowed(kind: ThreadKind) -> Vec<(i64, &'static str)> {
     COMMON.iter().chain(own).copied().collect()
 }
 
+/// Whether `kind`'s threads never open files. A library call that tries anyway gets EACCES
+/// from a second filter instead of killing the VMM: glibc's malloc reads
+/// /proc/sys/vm/overcommit_memory the first time a thread's arena shrinks (a net worker
+/// copying frames for COLO's proxy does that) and /sys/devices/system/cpu/online when it first
+/// needs another arena, and copes with either failing.
+fn refuses_opens(kind: ThreadKind) -> bool {
+    matches!(kind, ThreadKind::Vcpu | ThreadKind::Block | ThreadKind::Net)
+}
+
+const OPENS: [i64; 2] = [libc::SYS_open, libc::SYS_openat];
+
+/// The filter answering EACCES to every open (see [`refuses_opens`]).
+fn open_refusal(kind: ThreadKind) -> Result<BpfProgram, SeccompError> {
+    let rules: BTreeMap<i64, Vec<seccompiler::SeccompRule>> =
+        OPENS.iter().map(|&nr| (nr, Vec::new())).collect();
+    let filter = SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        TargetArch::x86_64,
+    )
+    .map_err(|source| SeccompError::Build { kind, source })?;
+    BpfProgram::try_from(filter).map_err(|source| SeccompError::Build { kind, source })
+}
+
 /// The compiled filter for `kind`, or None when seccomp is off.
 pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>, SeccompError> {
     let mismatch = match mode {
@@ -271,6 +296,12 @@ pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>,
         .into_iter()
         .map(|(nr, _why)| (nr, Vec::new()))
         .collect();
+    if refuses_opens(kind) && mode == SeccompMode::Enforce {
+        // Passed here, refused by `open_refusal` (installed first): ERRNO outranks ALLOW.
+        for nr in OPENS {
+            rules.insert(nr, Vec::new());
+        }
+    }
     // Every thread may ask whether a descriptor is open — std's debug builds do before closing
     // one (`OwnedFd::drop`), e.g. a net worker dropping the eventfds it was started with — and
     // read its own name, which the SIGSYS handler reports.
@@ -301,6 +332,11 @@ pub fn filter(kind: ThreadKind, mode: SeccompMode) -> Result<Option<BpfProgram>,
 pub fn apply(kind: ThreadKind, mode: SeccompMode) -> Result<(), SeccompError> {
     if let Some(bpf) = filter(kind, mode)? {
         install_sigsys_handler();
+        if refuses_opens(kind) && mode == SeccompMode::Enforce {
+            // First: once the main filter is on, seccomp(2) itself is not allowed.
+            seccompiler::apply_filter(&open_refusal(kind)?)
+                .map_err(|source| SeccompError::Install { kind, source })?;
+        }
         seccompiler::apply_filter(&bpf).map_err(|source| SeccompError::Install { kind, source })?;
     }
     Ok(())
@@ -387,6 +423,41 @@ mod tests {
         ] {
             assert!(!vcpu.contains(&nr), "vCPU list allows {nr}");
         }
+    }
+
+    /// Run in a child process: a net worker that opens a file (as glibc's malloc does) gets
+    /// EACCES and lives on.
+    #[test]
+    fn a_device_thread_that_opens_a_file_is_refused_not_killed() {
+        if std::env::var("COLOVMM_SECCOMP_CHILD_OPEN").is_ok() {
+            let t = std::thread::Builder::new()
+                .name("net-open".into())
+                .spawn(|| {
+                    apply(ThreadKind::Net, SeccompMode::Enforce).unwrap();
+                    std::fs::File::open("/proc/sys/vm/overcommit_memory")
+                        .map(|_| "opened".to_string())
+                        .unwrap_or_else(|e| format!("{:?}", e.raw_os_error()))
+                })
+                .unwrap();
+            let got = t.join().unwrap();
+            eprintln!("open -> {got}");
+            std::process::exit(0);
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "seccomp::tests::a_device_thread_that_opens_a_file_is_refused_not_killed",
+                "--nocapture",
+            ])
+            .env("COLOVMM_SECCOMP_CHILD_OPEN", "1")
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{err}");
+        assert!(
+            err.contains(&format!("open -> Some({})", libc::EACCES)),
+            "{err}"
+        );
     }
 
     /// Run in a child process (the filter would otherwise stay on the test harness's thread):
