@@ -4,7 +4,8 @@
 //!
 //! Determinism (COLO compares two guests' packets byte for byte): the TCP initial sequence
 //! numbers come from smoltcp's PRNG with a fixed seed, no TCP timestamps are sent, and the
-//! services never emit times or random data.
+//! services never emit times or random data — except `GET /uptime`, the deliberate
+//! exception COLO's tests use to cause mismatches (see `services`).
 
 mod services;
 

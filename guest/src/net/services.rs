@@ -1,5 +1,8 @@
 //! The guest's network services. Every reply is a function of the requests alone (no
 //! times, no randomness), so two guests fed the same packets answer byte for byte alike.
+//! The one deliberate exception is `GET /uptime`, whose body carries the guest's current
+//! TSC: two replicas answer it differently, which is how the tests make COLO's compare see
+//! a mismatch and ask for a checkpoint.
 //!
 //! smoltcp has no accept queue: a TCP socket in Listen takes one connection. Each port
 //! therefore has a pool of sockets; one that has closed listens again, and when a port has
@@ -84,7 +87,7 @@ fn fill_pattern(buf: &mut [u8], pos: u64) {
     }
 }
 
-const INDEX_PAGE: &[u8] = b"<!DOCTYPE html>\n<html><head><title>testguest</title></head>\n<body><h1>colovmm testguest</h1>\n<p>GET /bytes/&lt;n&gt; for n deterministic bytes, GET /kv/&lt;key&gt; for a stored value.</p>\n</body></html>\n";
+const INDEX_PAGE: &[u8] = b"<!DOCTYPE html>\n<html><head><title>testguest</title></head>\n<body><h1>colovmm testguest</h1>\n<p>GET /bytes/&lt;n&gt; for n deterministic bytes, GET /kv/&lt;key&gt; for a stored value, GET /uptime for the TSC (not deterministic: differs between COLO replicas).</p>\n</body></html>\n";
 
 type Kv = BTreeMap<Vec<u8>, Vec<u8>>;
 
@@ -429,6 +432,14 @@ fn http_requests(input: &[u8], out: &mut Output, close: &mut bool, kv: &mut Kv) 
             }
             None => respond(out, 400, "text/plain", b"bad length\n", head_only, !keep),
         }
+    } else if target == b"/uptime" {
+        // Deliberately nondeterministic (see the module doc).
+        let mut body = Vec::new();
+        push_fmt(
+            &mut body,
+            format_args!("uptime-tsc {}\n", crate::time::now()),
+        );
+        respond(out, 200, "text/plain", &body, head_only, !keep);
     } else if let Some(key) = target.strip_prefix(b"/kv/") {
         match kv.get(key) {
             Some(v) => {
