@@ -16,7 +16,7 @@
 //! belong to the same `Pair`, so a failing case leaves nothing behind.
 
 use std::fs;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -25,8 +25,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use integration_tests::colo::{is, path_arg, vmm_in, Events};
 use integration_tests::netns::{TwoHostNet, HOST_B_IP};
-use integration_tests::{colovmm_bin, count_of, remote, testguest, wait_for, Console, Scratch};
+use integration_tests::{count_of, remote, testguest, wait_for, Console, Scratch};
 use serde_json::{json, Value};
 
 /// Held by every test for its whole run: one COLO pair on the machine at a time.
@@ -50,102 +51,6 @@ const NOTICE: Duration = Duration::from_secs(20);
 
 // ---------------------------------------------------------------------------------------------
 // Event files
-
-/// One `--event-monitor` file, read as it grows.
-struct Events {
-    path: PathBuf,
-    read: u64,
-    partial: Vec<u8>,
-    /// Every event so far.
-    all: Vec<Value>,
-    /// Events before this index were already looked at by [`Events::next`].
-    cursor: usize,
-}
-
-impl Events {
-    fn new(path: PathBuf) -> Events {
-        Events {
-            path,
-            read: 0,
-            partial: Vec::new(),
-            all: Vec::new(),
-            cursor: 0,
-        }
-    }
-
-    /// Reads the complete lines appended since the last call.
-    fn poll(&mut self) {
-        let Ok(mut f) = fs::File::open(&self.path) else {
-            return;
-        };
-        if f.seek(SeekFrom::Start(self.read)).is_err() {
-            return;
-        }
-        let mut buf = Vec::new();
-        let _ = f.read_to_end(&mut buf);
-        self.read += buf.len() as u64;
-        self.partial.extend_from_slice(&buf);
-        while let Some(nl) = self.partial.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.partial.drain(..=nl).collect();
-            let text = String::from_utf8_lossy(&line);
-            let text = text.trim();
-            if text.is_empty() {
-                continue;
-            }
-            let v: Value = serde_json::from_str(text).unwrap_or_else(|e| {
-                panic!("{}: not a JSON event ({e}): {text}", self.path.display())
-            });
-            self.all.push(v);
-        }
-    }
-
-    /// The next event after the cursor that matches, without waiting.
-    fn next_now(&mut self, pred: &dyn Fn(&Value) -> bool) -> Option<Value> {
-        self.poll();
-        while self.cursor < self.all.len() {
-            let i = self.cursor;
-            self.cursor += 1;
-            if pred(&self.all[i]) {
-                return Some(self.all[i].clone());
-            }
-        }
-        None
-    }
-
-    /// The next event after the cursor that matches, waiting up to `timeout`.
-    fn next(&mut self, pred: impl Fn(&Value) -> bool, timeout: Duration) -> Option<Value> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            if let Some(v) = self.next_now(&pred) {
-                return Some(v);
-            }
-            if Instant::now() >= deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    /// Moves the cursor past everything written so far.
-    fn skip_to_end(&mut self) {
-        self.poll();
-        self.cursor = self.all.len();
-    }
-
-    fn tail(&self, n: usize) -> String {
-        let from = self.all.len().saturating_sub(n);
-        self.all[from..]
-            .iter()
-            .map(|v| v.to_string())
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-}
-
-/// A COLO event called `name`.
-fn is(ev: &Value, name: &str) -> bool {
-    ev["source"] == "colo" && ev["event"] == name
-}
 
 fn colo_ev(name: &'static str) -> impl Fn(&Value) -> bool {
     move |e| is(e, name)
@@ -225,18 +130,7 @@ struct Pair {
     slog: PathBuf,
 }
 
-fn vmm_in(ns: &str, args: &[&str]) -> Console {
-    // `ip netns exec` execs the program, so the Console's pid is colovmm's own.
-    let mut cmd = TwoHostNet::cmd_in(ns, colovmm_bin().to_str().expect("utf-8 path"));
-    cmd.args(args);
-    Console::spawn(cmd)
-}
-
 static CASE: AtomicU32 = AtomicU32::new(0);
-
-fn path_arg(key: &str, p: &Path) -> String {
-    format!("{key}={}", p.display())
-}
 
 impl Pair {
     /// The namespaces and the secondary, listening (no primary yet).

@@ -1,6 +1,7 @@
 //! What the integration tests share: finding the binaries and images, and driving a running
 //! colovmm (or QEMU) through its serial console.
 
+pub mod colo;
 pub mod netns;
 
 use std::io::{BufRead, BufReader, Read, Write};
