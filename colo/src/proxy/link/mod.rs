@@ -20,7 +20,7 @@ use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -245,6 +245,17 @@ struct Channel {
 }
 
 impl Channel {
+    /// A channel over `stream`, with fresh counters.
+    fn new(stream: TcpStream, on_broken: OnBroken) -> Arc<Channel> {
+        Arc::new(Channel {
+            stream,
+            closed: AtomicBool::new(false),
+            broke: AtomicBool::new(false),
+            stats: Arc::new(LinkStats::default()),
+            on_broken,
+        })
+    }
+
     /// Marks the channel broken once, unless it was closed on purpose.
     fn broken(&self, why: String) {
         if self.closed.load(Ordering::Acquire) || self.broke.swap(true, Ordering::AcqRel) {
@@ -406,16 +417,47 @@ fn spawn_ticker(
         .map_err(LinkError::Thread)
 }
 
-/// Joins `threads` (after the channel was closed, they end within a poll period).
-fn join_all(threads: &std::sync::Mutex<Vec<JoinHandle<()>>>) {
-    let handles = std::mem::take(
-        &mut *threads
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner),
-    );
-    for h in handles {
-        if h.join().is_err() {
-            log::error!("COLO proxy: a thread panicked");
+/// A side's channel and the threads serving it.
+struct Threads {
+    chan: Arc<Channel>,
+    handles: Mutex<Vec<JoinHandle<()>>>,
+}
+
+impl Threads {
+    fn new(chan: Arc<Channel>) -> Self {
+        Threads {
+            chan,
+            handles: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// Keeps a thread that started; one that did not ends protection (without its reader or
+    /// ticker the proxy would hold every frame until the next checkpoint).
+    fn keep(&self, h: Result<JoinHandle<()>, LinkError>) {
+        match h {
+            Ok(h) => self
+                .handles
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(h),
+            Err(e) => self.chan.broken(e.to_string()),
+        }
+    }
+
+    /// A second handle on the socket.
+    fn socket(&self) -> std::io::Result<TcpStream> {
+        self.chan.stream.try_clone()
+    }
+
+    /// Closes the channel and joins the threads (they end within a poll period).
+    fn close(&self) {
+        self.chan.close();
+        let handles =
+            std::mem::take(&mut *self.handles.lock().unwrap_or_else(PoisonError::into_inner));
+        for h in handles {
+            if h.join().is_err() {
+                log::error!("COLO proxy: a thread panicked");
+            }
         }
     }
 }

@@ -5,14 +5,13 @@
 use std::net::SocketAddr;
 use std::sync::mpsc::Sender as MpscSender;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use devices::virtio::net::{Direction, Injector, Packet, PacketFilter, Verdict};
 
 use super::{
-    connect, join_all, spawn_reader, spawn_ticker, spawn_writer, Backlog, Channel, LinkError,
-    LinkStats, OnBroken, Outbox, Outgoing, ProxyStatus,
+    connect, spawn_reader, spawn_ticker, spawn_writer, Backlog, Channel, LinkError, LinkStats,
+    OnBroken, Outbox, Outgoing, ProxyStatus, Threads,
 };
 use crate::auth::Psk;
 use crate::protection::Command;
@@ -35,7 +34,6 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     outbox: Outbox,
-    chan: Arc<Channel>,
     stats: Arc<LinkStats>,
     /// The PVM's NIC's injector (releases go to its tap).
     injector: Option<Injector>,
@@ -84,7 +82,7 @@ impl Shared {
 pub struct PrimaryLink {
     shared: Arc<Shared>,
     nic: Option<ProtectedNic>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    threads: Threads,
 }
 
 impl PrimaryLink {
@@ -101,17 +99,11 @@ impl PrimaryLink {
         on_broken: OnBroken,
     ) -> Result<PrimaryLink, LinkError> {
         let opened = connect(addr, psk, timeout)?;
-        let stats = Arc::new(LinkStats::default());
-        let chan = Arc::new(Channel {
-            stream: opened.stream,
-            closed: Default::default(),
-            broke: Default::default(),
-            stats: stats.clone(),
-            on_broken,
-        });
-        let mut threads = Vec::new();
+        let chan = Channel::new(opened.stream, on_broken);
+        let stats = chan.stats.clone();
+        let threads = Threads::new(chan.clone());
         let (outbox, writer) = spawn_writer("colo-proxy-tx", opened.writer, chan.clone())?;
-        threads.push(writer);
+        threads.keep(Ok(writer));
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 proxy: PrimaryProxy::new(cfg),
@@ -120,7 +112,6 @@ impl PrimaryLink {
                 last_tick: Instant::now(),
             }),
             outbox,
-            chan: chan.clone(),
             stats,
             injector: nic.as_ref().map(|n| n.slot.injector()),
             commands,
@@ -128,7 +119,7 @@ impl PrimaryLink {
         let link = PrimaryLink {
             shared: shared.clone(),
             nic,
-            threads: Mutex::new(threads),
+            threads,
         };
         let s = shared.clone();
         let reader = spawn_reader("colo-proxy-rx", opened.reader, chan.clone(), move |msg| {
@@ -145,7 +136,7 @@ impl PrimaryLink {
                 other => Err(format!("unexpected {} from the secondary", other.ty())),
             }
         });
-        link.keep(reader);
+        link.threads.keep(reader);
         let s = shared;
         let ticker = spawn_ticker("colo-proxy-tick", chan, move || {
             let mut st = s.lock();
@@ -161,7 +152,7 @@ impl PrimaryLink {
                 }
             }
         });
-        link.keep(ticker);
+        link.threads.keep(ticker);
         if let Some(nic) = &link.nic {
             let filter = PvmFilter {
                 shared: link.shared.clone(),
@@ -172,19 +163,6 @@ impl PrimaryLink {
             }
         }
         Ok(link)
-    }
-
-    fn keep(&self, h: Result<JoinHandle<()>, LinkError>) {
-        match h {
-            Ok(h) => self
-                .threads
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(h),
-            // Without its reader or ticker the compare would hold everything until the
-            // next checkpoint: end protection.
-            Err(e) => self.shared.chan.broken(e.to_string()),
-        }
     }
 
     /// The PVM is paused for checkpoint `n`: a new epoch, and its marker into the mirror stream.
@@ -238,13 +216,12 @@ impl PrimaryLink {
     /// A second handle on the channel's socket, for the failover switch to shut down: a
     /// writer blocked on a hung peer then fails at once instead of after its timeout.
     pub fn socket(&self) -> std::io::Result<std::net::TcpStream> {
-        self.shared.chan.stream.try_clone()
+        self.threads.socket()
     }
 
     /// Closes the channel and waits for its threads.
     pub fn close(&self) {
-        self.shared.chan.close();
-        join_all(&self.threads);
+        self.threads.close();
     }
 
     /// The proxy's status.

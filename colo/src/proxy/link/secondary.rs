@@ -3,14 +3,13 @@
 
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
-use std::thread::JoinHandle;
 use std::time::Duration;
 
 use devices::virtio::net::{Direction, Injector, Packet, PacketFilter, Verdict};
 
 use super::{
-    accept, join_all, spawn_reader, spawn_ticker, spawn_writer, Backlog, Channel, LinkError,
-    LinkStats, OnBroken, Outbox, Outgoing, ProxyStatus,
+    accept, spawn_reader, spawn_ticker, spawn_writer, Backlog, Channel, LinkError, LinkStats,
+    OnBroken, Outbox, Outgoing, ProxyStatus, Threads,
 };
 use crate::auth::Psk;
 use crate::proxy::session::{SecondaryProxy, SvmTx};
@@ -28,7 +27,6 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     outbox: Outbox,
-    chan: Arc<Channel>,
     stats: Arc<LinkStats>,
 }
 
@@ -41,7 +39,7 @@ impl Shared {
 /// The secondary's end of the proxy: accepted with the primary's session, ended with it.
 pub struct SecondaryLink {
     shared: Arc<Shared>,
-    threads: Mutex<Vec<JoinHandle<()>>>,
+    threads: Threads,
 }
 
 impl SecondaryLink {
@@ -54,15 +52,11 @@ impl SecondaryLink {
         on_broken: OnBroken,
     ) -> Result<SecondaryLink, LinkError> {
         let opened = accept(listener, psk, timeout)?;
-        let stats = Arc::new(LinkStats::default());
-        let chan = Arc::new(Channel {
-            stream: opened.stream,
-            closed: Default::default(),
-            broke: Default::default(),
-            stats: stats.clone(),
-            on_broken,
-        });
+        let chan = Channel::new(opened.stream, on_broken);
+        let stats = chan.stats.clone();
+        let threads = Threads::new(chan.clone());
         let (outbox, writer) = spawn_writer("colo-proxy-tx", opened.writer, chan.clone())?;
+        threads.keep(Ok(writer));
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 proxy: SecondaryProxy::new(),
@@ -71,12 +65,11 @@ impl SecondaryLink {
                 injector: None,
             }),
             outbox,
-            chan: chan.clone(),
             stats,
         });
         let link = SecondaryLink {
             shared: shared.clone(),
-            threads: Mutex::new(vec![writer]),
+            threads,
         };
         let s = shared.clone();
         let reader = spawn_reader("colo-proxy-rx", opened.reader, chan.clone(), move |msg| {
@@ -105,7 +98,7 @@ impl SecondaryLink {
                 other => Err(format!("unexpected {} from the primary", other.ty())),
             }
         });
-        link.keep(reader);
+        link.threads.keep(reader);
         let s = shared;
         let ticker = spawn_ticker("colo-proxy-tick", chan, move || {
             let mut st = s.lock();
@@ -114,19 +107,8 @@ impl SecondaryLink {
                 st.backlog.flush(st.injector.as_ref(), &s.stats);
             }
         });
-        link.keep(ticker);
+        link.threads.keep(ticker);
         Ok(link)
-    }
-
-    fn keep(&self, h: Result<JoinHandle<()>, LinkError>) {
-        match h {
-            Ok(h) => self
-                .threads
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(h),
-            Err(e) => self.shared.chan.broken(e.to_string()),
-        }
     }
 
     /// The SVM exists: its NIC (if any) gets the filter that sends its frames to the primary
@@ -194,13 +176,12 @@ impl SecondaryLink {
     /// A second handle on the channel's socket, for the failover switch to shut down: a
     /// writer blocked on a hung peer then fails at once instead of after its timeout.
     pub fn socket(&self) -> std::io::Result<std::net::TcpStream> {
-        self.shared.chan.stream.try_clone()
+        self.threads.socket()
     }
 
     /// Closes the channel and waits for its threads.
     pub fn close(&self) {
-        self.shared.chan.close();
-        join_all(&self.threads);
+        self.threads.close();
     }
 
     /// The proxy's status.
