@@ -20,12 +20,11 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use integration_tests::colo::{is, path_arg, vmm_in, Events};
+use integration_tests::colo::{is, path_arg, vmm_with, Events, PairFiles, Side};
 use integration_tests::netns::{TwoHostNet, HOST_B_IP};
 use integration_tests::{count_of, remote, testguest, wait_for, Console, Scratch};
 use serde_json::{json, Value};
@@ -65,28 +64,6 @@ fn now_epoch() -> f64 {
 // ---------------------------------------------------------------------------------------------
 // A primary and a secondary
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Side {
-    Primary,
-    Secondary,
-}
-
-impl Side {
-    fn other(self) -> Side {
-        match self {
-            Side::Primary => Side::Secondary,
-            Side::Secondary => Side::Primary,
-        }
-    }
-
-    fn role(self) -> &'static str {
-        match self {
-            Side::Primary => "primary",
-            Side::Secondary => "secondary",
-        }
-    }
-}
-
 #[derive(Clone, Copy, Debug)]
 struct Setup {
     interval_ms: u64,
@@ -117,63 +94,28 @@ struct Pair {
     primary: Option<Console>,
     secondary: Option<Console>,
     net: TwoHostNet,
-    /// Removed on drop, after the VMMs are gone.
-    _dir: Scratch,
     setup: Setup,
-    pev: Events,
-    sev: Events,
-    psock: PathBuf,
-    ssock: PathBuf,
-    /// The SVM's console (`--serial file=`).
-    svm: PathBuf,
-    plog: PathBuf,
-    slog: PathBuf,
+    files: PairFiles,
 }
-
-static CASE: AtomicU32 = AtomicU32::new(0);
 
 impl Pair {
     /// The namespaces and the secondary, listening (no primary yet).
     fn secondary_only(tag: &str, setup: Setup) -> Pair {
-        let net = TwoHostNet::create();
-        let dir = Scratch::new(&format!(
-            "colo-{tag}-{}",
-            CASE.fetch_add(1, Ordering::Relaxed)
-        ));
-        let f = |name: &str| dir.0.join(name);
         let mut pair = Pair {
             primary: None,
             secondary: None,
+            net: TwoHostNet::create(),
             setup,
-            pev: Events::new(f("primary.jsonl")),
-            sev: Events::new(f("secondary.jsonl")),
-            psock: f("primary.sock"),
-            ssock: f("secondary.sock"),
-            svm: f("svm-console.txt"),
-            plog: f("primary.log"),
-            slog: f("secondary.log"),
-            net,
-            _dir: dir,
+            files: PairFiles::new(&format!("colo-{tag}")),
         };
         let spec = format!("role=secondary,listen={HOST_B_IP}:{PORT}{}", setup.hb());
-        pair.secondary = Some(vmm_in(
+        pair.secondary = Some(vmm_with(
             &pair.net.b,
-            &[
-                "--colo",
-                &spec,
-                "--serial",
-                &path_arg("file", &pair.svm),
-                "--api-socket",
-                &path_arg("path", &pair.ssock),
-                "--event-monitor",
-                &path_arg("path", &pair.sev.path),
-                "--log-file",
-                pair.slog.to_str().unwrap(),
-                "-v",
-            ],
+            &pair.files.secondary_args(&spec, &[]),
         ));
-        wait_for(&pair.ssock);
+        wait_for(&pair.files.ssock);
         if pair
+            .files
             .sev
             .next(
                 |e| is(e, "started") && e["properties"]["role"] == "secondary",
@@ -194,29 +136,9 @@ impl Pair {
             self.setup.channels,
             self.setup.hb()
         );
-        let kernel = testguest();
-        self.primary = Some(vmm_in(
-            &self.net.a,
-            &[
-                "--kernel",
-                kernel.to_str().unwrap(),
-                "--memory",
-                "size=256M",
-                "--serial",
-                "tty",
-                "--api-socket",
-                &path_arg("path", &self.psock),
-                "--event-monitor",
-                &path_arg("path", &self.pev.path),
-                "--colo",
-                &spec,
-                "--log-file",
-                self.plog.to_str().unwrap(),
-                "-v",
-            ],
-        ));
+        self.primary = Some(vmm_with(&self.net.a, &self.files.primary_args(&spec, &[])));
         self.p().expect_line("TESTGUEST READY", BOOT);
-        wait_for(&self.psock);
+        wait_for(&self.files.psock);
         // Protected, or protection ended before it began (then say why at once).
         for side in [Side::Primary, Side::Secondary] {
             let ev = self
@@ -249,17 +171,11 @@ impl Pair {
     }
 
     fn sock(&self, side: Side) -> &Path {
-        match side {
-            Side::Primary => &self.psock,
-            Side::Secondary => &self.ssock,
-        }
+        self.files.sock(side)
     }
 
     fn events(&mut self, side: Side) -> &mut Events {
-        match side {
-            Side::Primary => &mut self.pev,
-            Side::Secondary => &mut self.sev,
-        }
+        self.files.events(side)
     }
 
     fn pid(&self, side: Side) -> i32 {
@@ -349,17 +265,17 @@ impl Pair {
 
     /// The SVM's console file (lossy text).
     fn svm_text(&self) -> String {
-        String::from_utf8_lossy(&fs::read(&self.svm).unwrap_or_default()).into_owned()
+        String::from_utf8_lossy(&fs::read(&self.files.svm).unwrap_or_default()).into_owned()
     }
 
     fn svm_len(&self) -> usize {
-        fs::metadata(&self.svm).map_or(0, |m| m.len() as usize)
+        fs::metadata(&self.files.svm).map_or(0, |m| m.len() as usize)
     }
 
     /// The complete lines the SVM printed from byte `from` on; a line already begun at `from`
     /// is left out.
     fn svm_lines_from(&self, from: usize) -> Vec<String> {
-        let bytes = fs::read(&self.svm).unwrap_or_default();
+        let bytes = fs::read(&self.files.svm).unwrap_or_default();
         if from > bytes.len() {
             return Vec::new();
         }
@@ -421,8 +337,8 @@ impl Pair {
             .map(|c| c.transcript[c.transcript.len().saturating_sub(15)..].join("\n"))
             .unwrap_or_default();
         let read = |p: &Path| fs::read_to_string(p).unwrap_or_default();
-        let mut pev = Events::new(self.pev.path.clone());
-        let mut sev = Events::new(self.sev.path.clone());
+        let mut pev = Events::new(self.files.pev.path.clone());
+        let mut sev = Events::new(self.files.sev.path.clone());
         pev.poll();
         sev.poll();
         format!(
@@ -432,8 +348,8 @@ impl Pair {
             sev.tail(12),
             transcript,
             tail(self.svm_text(), 15),
-            tail(read(&self.plog), 25),
-            tail(read(&self.slog), 25),
+            tail(read(&self.files.plog), 25),
+            tail(read(&self.files.slog), 25),
         )
     }
 }
@@ -562,7 +478,7 @@ fn kill_case(victim: Side, when: When, channels: u32) -> Outcome {
     // Watch the primary's console and its events together; kill the victim on the trigger.
     // `printed`: the count values the primary printed, with when we read them.
     let mut printed = Vec::new();
-    pair.pev.skip_to_end();
+    pair.files.pev.skip_to_end();
     let deadline = Instant::now() + Duration::from_secs(30);
     let trigger_on = match when {
         When::Idle => "checkpoint",
@@ -570,7 +486,7 @@ fn kill_case(victim: Side, when: When, channels: u32) -> Outcome {
     };
     let trigger = loop {
         pair.drain_counts(&mut printed);
-        if let Some(ev) = pair.pev.next_now(&|e| is(e, trigger_on)) {
+        if let Some(ev) = pair.files.pev.next_now(&|e| is(e, trigger_on)) {
             std::thread::sleep(first_bytes_after);
             pair.signal(victim, libc::SIGKILL);
             break ev;
@@ -631,8 +547,9 @@ fn kill_case(victim: Side, when: When, channels: u32) -> Outcome {
             // The highest count it had printed before its last completed checkpoint began:
             // read by us before that checkpoint-started event was written, so printed before
             // the PVM paused for it, so part of the state the SVM goes on from.
-            pair.pev.poll();
+            pair.files.pev.poll();
             let last_done = pair
+                .files
                 .pev
                 .all
                 .iter()
@@ -641,6 +558,7 @@ fn kill_case(victim: Side, when: When, channels: u32) -> Outcome {
                 .max()
                 .unwrap_or(0);
             let began = pair
+                .files
                 .pev
                 .all
                 .iter()
@@ -900,9 +818,9 @@ fn memory_equal_after_checkpoints(channels: u32) {
     for round in 1..=3 {
         // Let the guest dirty memory (and interval checkpoints happen) in between.
         std::thread::sleep(Duration::from_millis(700));
-        pair.pev.skip_to_end();
+        pair.files.pev.skip_to_end();
         pair.ok(Side::Primary, &["colo-checkpoint", "--pause-after"]);
-        let ev = match pair.pev.next(
+        let ev = match pair.files.pev.next(
             |e| is(e, "checkpoint") && e["properties"]["reason"] == "request",
             Duration::from_secs(30),
         ) {
@@ -985,7 +903,7 @@ fn a_guest_dirtying_200_mib_s_stays_protected_at_100_ms() {
     pair.ask("dirty 200 128", "dirty ok");
     // The dirtier's pages reach the checkpoints from the next one on.
     pair.wait_checkpoints(Side::Primary, 2);
-    pair.pev.skip_to_end();
+    pair.files.pev.skip_to_end();
     let t0 = Instant::now();
     let mut pauses = Vec::new();
     let mut bytes = Vec::new();
@@ -993,6 +911,7 @@ fn a_guest_dirtying_200_mib_s_stays_protected_at_100_ms() {
     let mut next_status = Instant::now();
     while t0.elapsed() < Duration::from_secs(10) {
         while let Some(ev) = pair
+            .files
             .pev
             .next_now(&|e| is(e, "checkpoint") || is(e, "colo_exit"))
         {
@@ -1201,10 +1120,7 @@ fn garbage_on_the_secondary_port_does_not_stop_it() {
 #[test]
 fn bad_colo_specs_and_colo_status_without_colo_are_errors() {
     let _serial = one_at_a_time();
-    let dir = Scratch::new(&format!(
-        "colo-specs-{}",
-        CASE.fetch_add(1, Ordering::Relaxed)
-    ));
+    let dir = Scratch::new("colo-specs");
     let sock = dir.0.join("vmm.sock");
     let kernel = testguest();
     let mut vmm = Console::colovmm(&[

@@ -19,16 +19,16 @@
 
 use std::fs;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use integration_tests::colo::{is, path_arg, vmm_in, Events};
+use integration_tests::colo::{is, vmm_with, Events, PairFiles, Side};
 use integration_tests::netns::{TwoHostNet, GUEST_IP, HOST_B_IP};
-use integration_tests::{remote, testguest, wait_for, Console, Scratch};
+use integration_tests::{remote, wait_for, Console};
 use serde_json::Value;
 
 /// Held by every test for its whole run: one COLO pair on the machine at a time.
@@ -289,95 +289,37 @@ impl Download {
 // ---------------------------------------------------------------------------------------------
 // A primary and a secondary, each with a NIC
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Side {
-    Primary,
-    Secondary,
-}
-
-impl Side {
-    fn other(self) -> Side {
-        match self {
-            Side::Primary => Side::Secondary,
-            Side::Secondary => Side::Primary,
-        }
-    }
-
-    fn role(self) -> &'static str {
-        match self {
-            Side::Primary => "primary",
-            Side::Secondary => "secondary",
-        }
-    }
-}
-
 /// A COLO pair in its own [`TwoHostNet`]. Fields drop in order: both VMMs are SIGKILLed
 /// before the namespaces and the scratch directory go.
 struct Pair {
     primary: Option<Console>,
     secondary: Option<Console>,
     net: TwoHostNet,
-    dir: Scratch,
     /// The side this test killed on purpose.
     killed: Option<Side>,
-    pev: Events,
-    sev: Events,
-    psock: PathBuf,
-    ssock: PathBuf,
-    /// The SVM's console (`--serial file=`).
-    svm: PathBuf,
-    plog: PathBuf,
-    slog: PathBuf,
+    files: PairFiles,
 }
-
-static CASE: AtomicU32 = AtomicU32::new(0);
 
 impl Pair {
     /// The namespaces, the secondary listening with its NIC on host B's tap, then the primary
     /// on the test guest with its NIC on host A's tap; returns once both are protected and
     /// the client reaches the guest.
     fn start(tag: &str, interval_ms: u64) -> Pair {
-        let net = TwoHostNet::create();
-        let dir = Scratch::new(&format!(
-            "colonet-{tag}-{}",
-            CASE.fetch_add(1, Ordering::Relaxed)
-        ));
-        let f = |name: &str| dir.0.join(name);
         let mut pair = Pair {
             primary: None,
             secondary: None,
+            net: TwoHostNet::create(),
             killed: None,
-            pev: Events::new(f("primary.jsonl")),
-            sev: Events::new(f("secondary.jsonl")),
-            psock: f("primary.sock"),
-            ssock: f("secondary.sock"),
-            svm: f("svm-console.txt"),
-            plog: f("primary.log"),
-            slog: f("secondary.log"),
-            net,
-            dir,
+            files: PairFiles::new(&format!("colonet-{tag}")),
         };
         let spec = format!("role=secondary,listen={HOST_B_IP}:{PORT}");
-        pair.secondary = Some(vmm_in(
+        pair.secondary = Some(vmm_with(
             &pair.net.b,
-            &[
-                "--net",
-                "tap=tap0",
-                "--colo",
-                &spec,
-                "--serial",
-                &path_arg("file", &pair.svm),
-                "--api-socket",
-                &path_arg("path", &pair.ssock),
-                "--event-monitor",
-                &path_arg("path", &pair.sev.path),
-                "--log-file",
-                pair.slog.to_str().unwrap(),
-                "-v",
-            ],
+            &pair.files.secondary_args(&spec, &["--net", "tap=tap0"]),
         ));
-        wait_for(&pair.ssock);
+        wait_for(&pair.files.ssock);
         if pair
+            .files
             .sev
             .next(
                 |e| is(e, "started") && e["properties"]["role"] == "secondary",
@@ -390,28 +332,9 @@ impl Pair {
 
         let spec =
             format!("role=primary,peer={HOST_B_IP}:{PORT},checkpoint-interval={interval_ms}");
-        let kernel = testguest();
-        pair.primary = Some(vmm_in(
+        pair.primary = Some(vmm_with(
             &pair.net.a,
-            &[
-                "--kernel",
-                kernel.to_str().unwrap(),
-                "--memory",
-                "size=256M",
-                "--net",
-                "tap=tap0",
-                "--serial",
-                "tty",
-                "--api-socket",
-                &path_arg("path", &pair.psock),
-                "--event-monitor",
-                &path_arg("path", &pair.pev.path),
-                "--colo",
-                &spec,
-                "--log-file",
-                pair.plog.to_str().unwrap(),
-                "-v",
-            ],
+            &pair.files.primary_args(&spec, &["--net", "tap=tap0"]),
         ));
         if pair
             .p()
@@ -422,7 +345,7 @@ impl Pair {
                 "the primary's guest was not READY within {BOOT:?}"
             ));
         }
-        wait_for(&pair.psock);
+        wait_for(&pair.files.psock);
         // Protected, or protection ended before it began, or a VMM died (then say why at once).
         let deadline = Instant::now() + PROTECT;
         let mut protected = [false; 2];
@@ -462,17 +385,11 @@ impl Pair {
     }
 
     fn sock(&self, side: Side) -> &Path {
-        match side {
-            Side::Primary => &self.psock,
-            Side::Secondary => &self.ssock,
-        }
+        self.files.sock(side)
     }
 
     fn events(&mut self, side: Side) -> &mut Events {
-        match side {
-            Side::Primary => &mut self.pev,
-            Side::Secondary => &mut self.sev,
-        }
+        self.files.events(side)
     }
 
     /// Fails if a VMM that should run has exited (with its exit status; the diagnostics
@@ -623,8 +540,8 @@ impl Pair {
             Some(c) => format!("({})\n{}", exit_of(c.pid()), tail(c.stderr(), 15)),
             None => "(not started)".to_string(),
         };
-        let mut pev = Events::new(self.pev.path.clone());
-        let mut sev = Events::new(self.sev.path.clone());
+        let mut pev = Events::new(self.files.pev.path.clone());
+        let mut sev = Events::new(self.files.sev.path.clone());
         pev.poll();
         sev.poll();
         format!(
@@ -637,9 +554,9 @@ impl Pair {
             pev.tail(12),
             sev.tail(12),
             transcript,
-            tail(read(&self.svm), 15),
-            tail(read(&self.plog), 30),
-            tail(read(&self.slog), 30),
+            tail(read(&self.files.svm), 15),
+            tail(read(&self.files.plog), 30),
+            tail(read(&self.files.slog), 30),
             stderr(&self.primary),
             stderr(&self.secondary),
         )
@@ -982,7 +899,7 @@ fn wait_incr(
 fn connections_survive_kill(victim: Side) {
     let survivor = victim.other();
     let mut pair = Pair::start(&format!("kill-{}", victim.role()), 1000);
-    let stop = pair.dir.0.join("stop-incr");
+    let stop = pair.files.dir.0.join("stop-incr");
     let stop_arg = stop.to_str().expect("utf-8 path").to_string();
 
     let mut incr = LineClient::start(

@@ -122,3 +122,138 @@ pub fn vmm_in(ns: &str, args: &[&str]) -> Console {
 pub fn path_arg(key: &str, p: &Path) -> String {
     format!("{key}={}", p.display())
 }
+
+/// One side of a COLO pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    /// The host running the protected VM.
+    Primary,
+    /// The host running the replica.
+    Secondary,
+}
+
+impl Side {
+    /// The other side.
+    pub fn other(self) -> Side {
+        match self {
+            Side::Primary => Side::Secondary,
+            Side::Secondary => Side::Primary,
+        }
+    }
+
+    /// `primary` or `secondary`.
+    pub fn role(self) -> &'static str {
+        match self {
+            Side::Primary => "primary",
+            Side::Secondary => "secondary",
+        }
+    }
+}
+
+/// Where a pair's files go: a scratch directory (removed on drop) with each side's event
+/// file, API socket and log, and the SVM's console.
+pub struct PairFiles {
+    /// The primary's `--event-monitor` file.
+    pub pev: Events,
+    /// The secondary's.
+    pub sev: Events,
+    /// The primary's API socket.
+    pub psock: PathBuf,
+    /// The secondary's.
+    pub ssock: PathBuf,
+    /// The SVM's console (the secondary's `--serial file=`).
+    pub svm: PathBuf,
+    /// The primary's `--log-file`.
+    pub plog: PathBuf,
+    /// The secondary's.
+    pub slog: PathBuf,
+    /// Last, so it goes after everything that points into it.
+    pub dir: crate::Scratch,
+}
+
+impl PairFiles {
+    /// A fresh directory named after `tag`.
+    pub fn new(tag: &str) -> PairFiles {
+        static CASE: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = CASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = crate::Scratch::new(&format!("{tag}-{n}"));
+        let f = |name: &str| dir.0.join(name);
+        PairFiles {
+            pev: Events::new(f("primary.jsonl")),
+            sev: Events::new(f("secondary.jsonl")),
+            psock: f("primary.sock"),
+            ssock: f("secondary.sock"),
+            svm: f("svm-console.txt"),
+            plog: f("primary.log"),
+            slog: f("secondary.log"),
+            dir,
+        }
+    }
+
+    /// That side's API socket.
+    pub fn sock(&self, side: Side) -> &Path {
+        match side {
+            Side::Primary => &self.psock,
+            Side::Secondary => &self.ssock,
+        }
+    }
+
+    /// That side's events.
+    pub fn events(&mut self, side: Side) -> &mut Events {
+        match side {
+            Side::Primary => &mut self.pev,
+            Side::Secondary => &mut self.sev,
+        }
+    }
+
+    /// The secondary's command line for `--colo spec`, after `extra` (its `--net`, say).
+    pub fn secondary_args(&self, spec: &str, extra: &[&str]) -> Vec<String> {
+        let mut a: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        a.extend([
+            "--colo".into(),
+            spec.into(),
+            "--serial".into(),
+            path_arg("file", &self.svm),
+            "--api-socket".into(),
+            path_arg("path", &self.ssock),
+            "--event-monitor".into(),
+            path_arg("path", &self.sev.path),
+            "--log-file".into(),
+            self.slog.display().to_string(),
+            "-v".into(),
+        ]);
+        a
+    }
+
+    /// The primary's command line: the test guest in 256 MiB, console on stdout, `--colo
+    /// spec`, after `extra`.
+    pub fn primary_args(&self, spec: &str, extra: &[&str]) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "--kernel".into(),
+            crate::testguest().display().to_string(),
+            "--memory".into(),
+            "size=256M".into(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a.extend([
+            "--serial".into(),
+            "tty".into(),
+            "--api-socket".into(),
+            path_arg("path", &self.psock),
+            "--event-monitor".into(),
+            path_arg("path", &self.pev.path),
+            "--colo".into(),
+            spec.into(),
+            "--log-file".into(),
+            self.plog.display().to_string(),
+            "-v".into(),
+        ]);
+        a
+    }
+}
+
+/// colovmm with `args` (owned) inside namespace `ns`.
+pub fn vmm_with(ns: &str, args: &[String]) -> Console {
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    vmm_in(ns, &refs)
+}
