@@ -8,7 +8,8 @@ cd "$root"
 [[ -r /dev/kvm && -w /dev/kvm ]] || { echo "test.sh: /dev/kvm is not usable by $(id -un)" >&2; exit 1; }
 # Client tools the network tests run inside their namespaces.
 need=()
-for tool in ping:iputils-ping nc:netcat-openbsd curl:curl redis-cli:redis-tools ip:iproute2; do
+for tool in ping:iputils-ping nc:netcat-openbsd curl:curl redis-cli:redis-tools redis-benchmark:redis-tools \
+    ip:iproute2 python3:python3; do
     command -v "${tool%%:*}" >/dev/null || need+=("${tool#*:}")
 done
 if ((${#need[@]})); then
