@@ -136,6 +136,8 @@ enum Outgoing {
         epoch: u64,
     },
     Epoch(u64),
+    /// Nothing to send: the channel closed, the writer should look.
+    Wake,
 }
 
 /// The writer thread's queue.
@@ -337,6 +339,7 @@ fn spawn_writer(
         .name(name.into())
         .spawn(move || loop {
             let o = match rx.recv_timeout(POLL * 5) {
+                Ok(_) if chan.is_closed() => return,
                 Ok(o) => o,
                 Err(RecvTimeoutError::Timeout) if !chan.is_closed() => continue,
                 Err(_) => return,
@@ -356,6 +359,7 @@ fn spawn_writer(
                     checkpoint: *epoch,
                 },
                 Outgoing::Epoch(n) => Message::Epoch { checkpoint: *n },
+                Outgoing::Wake => continue,
             };
             if let Err(e) = writer.write(&msg) {
                 chan.broken(format!("sending to the peer: {e}"));
@@ -449,9 +453,12 @@ impl Threads {
         self.chan.stream.try_clone()
     }
 
-    /// Closes the channel and joins the threads (they end within a poll period).
-    fn close(&self) {
+    /// Closes the channel and joins the threads (the writer at once, the others within a poll
+    /// period).
+    fn close(&self, outbox: &Outbox) {
         self.chan.close();
+        // A full queue means the writer is busy and sees the flag after its current frame.
+        let _ = outbox.tx.try_send(Outgoing::Wake);
         let handles =
             std::mem::take(&mut *self.handles.lock().unwrap_or_else(PoisonError::into_inner));
         for h in handles {

@@ -221,7 +221,7 @@ impl PrimaryLink {
 
     /// Closes the channel and waits for its threads.
     pub fn close(&self) {
-        self.threads.close();
+        self.threads.close(&self.shared.outbox);
     }
 
     /// The proxy's status.

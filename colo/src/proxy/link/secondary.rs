@@ -16,6 +16,9 @@ use crate::proxy::session::{SecondaryProxy, SvmTx};
 use crate::proxy::wire::Message;
 use crate::vm::ProtectedNic;
 
+/// How long a takeover waits for the SVM's replayed segments to find room in the NIC's queue.
+const REPLAY_PATIENCE: Duration = Duration::from_millis(200);
+
 struct State {
     proxy: SecondaryProxy,
     backlog: Backlog,
@@ -170,7 +173,34 @@ impl SecondaryLink {
     /// this host's tap (connections that need it still rewritten).
     pub fn failover(&self) {
         self.close();
-        self.shared.lock().proxy.failover();
+        let (replay, injector) = {
+            let mut st = self.shared.lock();
+            let replay = st.proxy.failover();
+            (replay, st.nic.as_ref().map(|n| n.slot.injector()))
+        };
+        if replay.is_empty() {
+            return;
+        }
+        log::info!(
+            "COLO proxy: sending the SVM's last {} TCP segments to this host's tap",
+            replay.len()
+        );
+        // Outside the lock: the NIC's worker, which takes these, may be in the filter.
+        let mut out = Backlog::new(Direction::Tx);
+        for f in replay {
+            out.push(injector.as_ref(), f, &self.shared.stats);
+        }
+        let deadline = std::time::Instant::now() + REPLAY_PATIENCE;
+        while !out.frames.is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(2));
+            out.flush(injector.as_ref(), &self.shared.stats);
+        }
+        // What still did not fit is left to TCP's own retransmission.
+        let left = out.frames.len() as u64;
+        self.shared
+            .stats
+            .inject_dropped
+            .fetch_add(left, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A second handle on the channel's socket, for the failover switch to shut down: a
@@ -181,7 +211,7 @@ impl SecondaryLink {
 
     /// Closes the channel and waits for its threads.
     pub fn close(&self) {
-        self.threads.close();
+        self.threads.close(&self.shared.outbox);
     }
 
     /// The proxy's status.

@@ -16,6 +16,8 @@ use super::{needs_csum, SessionError};
 pub const MAX_QUEUED: usize = 8192;
 /// Offsets kept (the current epoch's plus those told for the next), at most.
 pub const MAX_OFFSETS: usize = 65_536;
+/// TCP segments the SVM sent since its last load kept for a takeover, at most (the oldest go).
+pub const MAX_REPLAY: usize = 1024;
 
 /// Where a frame the SVM sent goes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -62,6 +64,10 @@ pub struct SecondaryCounters {
     pub svm_rewritten: u64,
     /// After the failover: client segments put into the SVM's sequence space.
     pub client_rewritten: u64,
+    /// At the failover: the SVM's segments since its last load sent again, to the tap.
+    pub replayed: u64,
+    /// Segments kept for a replay that were dropped ([`MAX_REPLAY`]).
+    pub replay_dropped: u64,
     /// Whether the proxy failed over.
     pub failed_over: bool,
 }
@@ -80,6 +86,9 @@ pub struct SecondaryProxy {
     failed_over: bool,
     /// The SVM is paused to load the next checkpoint.
     applying: bool,
+    /// The SVM's TCP segments carrying data, SYN or FIN since its last load: they went to the
+    /// primary, and only the matched ones reached the client.
+    since_load: VecDeque<Vec<u8>>,
     /// After the failover: the client's ACKs and SACK blocks into the SVM's space.
     rewriter: SeqRewriter,
     counters: SecondaryCounters,
@@ -99,6 +108,19 @@ struct TcpInfo {
     seq: u32,
     /// A SYN without ACK: someone opens a new connection.
     opening: bool,
+}
+
+/// Whether `eth` is a TCP segment that moves its stream: data, SYN or FIN (a lost pure ACK
+/// costs nothing; the next one says the same).
+fn carries_stream(eth: &[u8]) -> bool {
+    let Ok(f) = packet::parse(eth) else {
+        return false;
+    };
+    let Net::Ip(ip) = &f.net else { return false };
+    let Transport::Tcp(t) = &ip.transport else {
+        return false;
+    };
+    !t.payload().is_empty() || t.syn() || t.fin()
 }
 
 fn tcp_info(eth: &[u8]) -> Option<TcpInfo> {
@@ -129,6 +151,7 @@ impl SecondaryProxy {
             pending: Vec::new(),
             failed_over: false,
             applying: false,
+            since_load: VecDeque::new(),
             rewriter: SeqRewriter::new(),
             counters: SecondaryCounters::default(),
         }
@@ -181,6 +204,13 @@ impl SecondaryProxy {
     pub fn from_svm(&mut self, mut frame: Vec<u8>) -> SvmTx {
         if !self.failed_over {
             self.counters.svm_out += 1;
+            if frame.get(self.hdr..).is_some_and(carries_stream) {
+                if self.since_load.len() >= MAX_REPLAY {
+                    self.since_load.pop_front();
+                    self.counters.replay_dropped += 1;
+                }
+                self.since_load.push_back(frame.clone());
+            }
             return SvmTx::ToPrimary(frame);
         }
         let fix = !needs_csum(&frame);
@@ -268,6 +298,8 @@ impl SecondaryProxy {
         }
         self.svm_epoch = n;
         self.applying = false;
+        // What the SVM sent before is superseded: the checkpoint holds what the PVM sent.
+        self.since_load.clear();
         self.offsets.clear();
         let mut dropped = 0;
         let mut later = Vec::new();
@@ -301,9 +333,15 @@ impl SecondaryProxy {
 
     /// The primary is gone: the SVM goes on from its last loaded checkpoint, on this host's
     /// tap; the connections with an offset keep being rewritten, new ones are not.
-    pub fn failover(&mut self) {
+    ///
+    /// Returns the TCP segments the SVM sent since its last load, in order and in the client's
+    /// sequence space, for the tap: they went to the primary, whose matching output may never
+    /// have left, and without them the client waits for the SVM's retransmission timer (a
+    /// second here). They are the SVM's own output after the state it goes on from, so each
+    /// is either new to the client or a duplicate TCP discards; datagrams are not replayed.
+    pub fn failover(&mut self) -> Vec<Vec<u8>> {
         if self.failed_over {
-            return;
+            return Vec::new();
         }
         self.failed_over = true;
         self.counters.stale_mirrored += self.queued.len() as u64;
@@ -312,6 +350,15 @@ impl SecondaryProxy {
         for (&key, &(dir, off)) in &self.offsets {
             self.rewriter.learn(key, dir, off);
         }
+        let replay: Vec<Vec<u8>> = std::mem::take(&mut self.since_load)
+            .into_iter()
+            .filter_map(|f| match self.from_svm(f) {
+                SvmTx::ToTap(f) => Some(f),
+                SvmTx::ToPrimary(_) => None,
+            })
+            .collect();
+        self.counters.replayed += replay.len() as u64;
+        replay
     }
 
     /// The counters.

@@ -3,7 +3,7 @@
 use std::time::{Duration, Instant};
 
 use super::super::compare::{CompareConfig, MismatchReason, DEFAULT_VNET_HDR_LEN};
-use super::super::packet::tcp_flags::{ACK, PSH, SYN};
+use super::super::packet::tcp_flags::{ACK, FIN, PSH, SYN};
 use super::super::packet::testframes::*;
 use super::super::packet::{self, ConnKey, KeyDir, Net, Transport, IPPROTO_TCP};
 use super::super::wire::Message;
@@ -474,6 +474,62 @@ fn frames_of_the_old_epoch_arriving_during_a_load_are_not_injected() {
     assert_eq!(s.counters().stale_mirrored, 1);
     // Loaded: frames of the SVM's epoch go straight in again.
     assert_eq!(s.mirrored(f(4)), Some(f(4)));
+}
+
+#[test]
+fn at_a_takeover_the_svms_segments_since_its_last_load_go_to_the_tap_again() {
+    let mut s = SecondaryProxy::new();
+    s.mirror_epoch(1).unwrap();
+    s.checkpoint_loaded(1).unwrap();
+    let old = guest(100, 7, ACK | PSH, b"superseded by checkpoint 2");
+    assert!(matches!(s.from_svm(old), SvmTx::ToPrimary(_)));
+    s.mirror_epoch(2).unwrap();
+    s.checkpoint_loaded(2).unwrap();
+    let data = guest(200, 7, ACK | PSH, b"reply");
+    let fin = guest(205, 7, ACK | FIN, b"");
+    let pure_ack = guest(206, 8, ACK, b"");
+    for f in [&data, &pure_ack, &fin] {
+        assert!(matches!(s.from_svm(f.clone()), SvmTx::ToPrimary(_)));
+    }
+    // Data and FIN since the last load, in order; not the pure ACK, not the older epoch's.
+    assert_eq!(s.failover(), vec![data, fin]);
+    assert_eq!(s.counters().replayed, 2);
+    // Once only.
+    assert!(s.failover().is_empty());
+}
+
+#[test]
+fn the_replay_keeps_the_newest_segments_and_rewrites_them_for_the_client() {
+    let now = Instant::now();
+    let mut p = protected();
+    let mut s = SecondaryProxy::new();
+    s.mirror_epoch(1).unwrap();
+    s.checkpoint_loaded(1).unwrap();
+    for o in open(&mut p, now) {
+        if let Output::SendOffset {
+            epoch,
+            key,
+            guest_dir,
+            offset,
+        } = o
+        {
+            s.learn_offset(epoch, key, guest_dir, offset);
+        }
+    }
+    let n = secondary::MAX_REPLAY + 3;
+    for i in 0..n {
+        let seq = SVM_ISN.wrapping_add(1 + i as u32);
+        s.from_svm(guest(seq, ACK_C, ACK | PSH, b"x"));
+    }
+    let replay = s.failover();
+    assert_eq!(replay.len(), n - 3);
+    assert_eq!(s.counters().replay_dropped, 3);
+    // The newest, in the PVM's (the client's) sequence space.
+    assert_eq!(
+        replay.last().unwrap(),
+        &guest(PVM_ISN + n as u32, ACK_C, ACK | PSH, b"x")
+    );
+    assert!(checksum_ok(replay.last().unwrap()));
 }
 
 #[test]
