@@ -16,6 +16,7 @@ pub use primary::PrimaryLink;
 pub use secondary::SecondaryLink;
 
 use std::collections::VecDeque;
+use std::io::{BufReader, BufWriter};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -285,10 +286,14 @@ impl Channel {
 
 /// An authenticated connection past the hellos.
 struct Opened {
-    reader: FrameReader<TcpStream>,
-    writer: FrameWriter<TcpStream>,
+    reader: FrameReader<BufReader<TcpStream>>,
+    writer: FrameWriter<BufWriter<TcpStream>>,
     stream: TcpStream,
 }
+
+/// Bytes each side buffers per direction: a burst of frames leaves in a few writes and
+/// arrives in a few reads.
+const STREAM_BUFFER: usize = 256 << 10;
 
 /// Connects to the secondary's listener and authenticates as the primary.
 fn connect(addr: SocketAddr, psk: &Psk, timeout: Duration) -> Result<Opened, LinkError> {
@@ -314,7 +319,12 @@ fn open(
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
     let key = wire::handshake(&mut stream, psk, side)?;
-    let (reader, writer) = wire::open(stream.try_clone()?, stream.try_clone()?, key, side)?;
+    let (reader, writer) = wire::open(
+        BufReader::with_capacity(STREAM_BUFFER, stream.try_clone()?),
+        BufWriter::with_capacity(STREAM_BUFFER, stream.try_clone()?),
+        key,
+        side,
+    )?;
     // From now on reads poll the closed flag; writes keep their bound.
     stream.set_read_timeout(Some(POLL * 10))?;
     Ok(Opened {
@@ -324,10 +334,11 @@ fn open(
     })
 }
 
-/// Starts the writer thread; returns its queue.
+/// Starts the writer thread; returns its queue. Frames queued together leave in one write:
+/// the stream is flushed whenever the queue runs dry.
 fn spawn_writer(
     name: &str,
-    mut writer: FrameWriter<TcpStream>,
+    mut writer: FrameWriter<BufWriter<TcpStream>>,
     chan: Arc<Channel>,
 ) -> Result<(Outbox, JoinHandle<()>), LinkError> {
     let (tx, rx): (SyncSender<Outgoing>, Receiver<Outgoing>) = sync_channel(OUTBOX_LEN);
@@ -338,44 +349,58 @@ fn spawn_writer(
     let handle = std::thread::Builder::new()
         .name(name.into())
         .spawn(move || loop {
-            let o = match rx.recv_timeout(POLL * 5) {
+            let mut next = match rx.recv_timeout(POLL * 5) {
                 Ok(_) if chan.is_closed() => return,
-                Ok(o) => o,
+                Ok(o) => Some(o),
                 Err(RecvTimeoutError::Timeout) if !chan.is_closed() => continue,
                 Err(_) => return,
             };
-            let msg = match &o {
-                Outgoing::Mirror(f) => Message::Mirror { frame: f },
-                Outgoing::SvmOutput(f) => Message::SvmOutput { frame: f },
-                Outgoing::Offset {
-                    key,
-                    guest_dir,
-                    offset,
-                    epoch,
-                } => Message::IsnOffset {
-                    key: *key,
-                    guest_dir: *guest_dir,
-                    offset: *offset,
-                    checkpoint: *epoch,
-                },
-                Outgoing::Epoch(n) => Message::Epoch { checkpoint: *n },
-                Outgoing::Wake => continue,
-            };
-            if let Err(e) = writer.write(&msg) {
+            while let Some(o) = next.take() {
+                if let Err(e) = send(&mut writer, &o) {
+                    chan.broken(format!("sending to the peer: {e}"));
+                    return;
+                }
+                if !matches!(o, Outgoing::Wake) {
+                    chan.stats.sent.fetch_add(1, Ordering::Relaxed);
+                }
+                next = rx.try_recv().ok();
+            }
+            if let Err(e) = writer.flush() {
                 chan.broken(format!("sending to the peer: {e}"));
                 return;
             }
-            chan.stats.sent.fetch_add(1, Ordering::Relaxed);
         })
         .map_err(LinkError::Thread)?;
     Ok((outbox, handle))
+}
+
+/// Queues `o` on the stream (nothing for a wake-up).
+fn send(writer: &mut FrameWriter<BufWriter<TcpStream>>, o: &Outgoing) -> Result<(), WireError> {
+    let msg = match o {
+        Outgoing::Mirror(f) => Message::Mirror { frame: f },
+        Outgoing::SvmOutput(f) => Message::SvmOutput { frame: f },
+        Outgoing::Offset {
+            key,
+            guest_dir,
+            offset,
+            epoch,
+        } => Message::IsnOffset {
+            key: *key,
+            guest_dir: *guest_dir,
+            offset: *offset,
+            checkpoint: *epoch,
+        },
+        Outgoing::Epoch(n) => Message::Epoch { checkpoint: *n },
+        Outgoing::Wake => return Ok(()),
+    };
+    writer.queue(&msg)
 }
 
 /// Starts the reader thread: `handle` gets every frame after the hellos; a `Bye` or an error
 /// ends it.
 fn spawn_reader(
     name: &str,
-    mut reader: FrameReader<TcpStream>,
+    mut reader: FrameReader<BufReader<TcpStream>>,
     chan: Arc<Channel>,
     mut handle: impl FnMut(Message<'_>) -> Result<(), String> + Send + 'static,
 ) -> Result<JoinHandle<()>, LinkError> {

@@ -440,6 +440,29 @@ impl<W: Write> FrameWriter<W> {
     /// message the peer would refuse is not sent and the writer stays usable; after an I/O
     /// error it is not ([`WireError::Failed`]), since part of a frame may have gone out.
     pub fn write(&mut self, msg: &Message<'_>) -> Result<(), WireError> {
+        self.queue(msg)?;
+        self.flush()
+    }
+
+    /// Flushes what [`Self::queue`] left in a buffering stream.
+    pub fn flush(&mut self) -> Result<(), WireError> {
+        if self.failed {
+            return Err(WireError::Failed);
+        }
+        self.inner.flush().map_err(|e| self.io_failed(e))
+    }
+
+    fn io_failed(&mut self, e: io::Error) -> WireError {
+        self.failed = true;
+        match e.kind() {
+            io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => WireError::Closed,
+            _ => WireError::Io(e),
+        }
+    }
+
+    /// Writes one message as the next frame without flushing the stream: over a buffering
+    /// stream several frames then leave in one write ([`Self::flush`] when none follows).
+    pub fn queue(&mut self, msg: &Message<'_>) -> Result<(), WireError> {
         if self.failed {
             return Err(WireError::Failed);
         }
@@ -464,16 +487,8 @@ impl<W: Write> FrameWriter<W> {
             .checked_add(1)
             .ok_or(WireError::Malformed("frame numbers exhausted"))?;
         seal_frame(&mut self.out, &self.key, self.seq, ty.code(), 0);
-        if let Err(e) = self
-            .inner
-            .write_all(&self.out)
-            .and_then(|()| self.inner.flush())
-        {
-            self.failed = true;
-            return Err(match e.kind() {
-                io::ErrorKind::BrokenPipe | io::ErrorKind::ConnectionReset => WireError::Closed,
-                _ => WireError::Io(e),
-            });
+        if let Err(e) = self.inner.write_all(&self.out) {
+            return Err(self.io_failed(e));
         }
         self.seq = next;
         self.order = order;
