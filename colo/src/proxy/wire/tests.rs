@@ -1034,3 +1034,29 @@ proptest! {
         prop_assert!(r.read().is_err());
     }
 }
+
+#[test]
+fn queued_frames_leave_on_flush_and_read_back_in_order() {
+    let side = Side::Secondary;
+    let mut w = FrameWriter::new(
+        std::io::BufWriter::with_capacity(1 << 16, Vec::new()),
+        key_of(side),
+        side,
+    );
+    w.queue(&Message::hello(side)).unwrap();
+    let outputs: Vec<Vec<u8>> = (0..3).map(|i| packet(100 + i, i as u8)).collect();
+    for p in &outputs {
+        w.queue(&Message::SvmOutput { frame: p }).unwrap();
+    }
+    assert!(
+        w.get_ref().get_ref().is_empty(),
+        "nothing written before the flush"
+    );
+    w.flush().unwrap();
+    let bytes = w.into_inner().into_inner().unwrap();
+    let mut r = reader_of(side, &bytes);
+    assert_eq!(r.read().unwrap(), Message::hello(side));
+    for p in &outputs {
+        assert_eq!(r.read().unwrap(), Message::SvmOutput { frame: p });
+    }
+}
