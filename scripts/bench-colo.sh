@@ -11,18 +11,40 @@
 #   default     30 checkpoints per cell and VMM (about 11 minutes on 2 cores)
 #   --logs DIR  keep every VMM's log, console and event file; --raw FILE saves the measurements,
 #   --from-raw FILE rebuilds the section and the plot from them without measuring
+# Then the network part (scripts/bench_colo_net.py: colovmm / QEMU COLO with a NIC and their
+# network proxies vs unprotected, in network namespaces; latency, redis-benchmark, HTTP download,
+# failover gap; about 8 minutes), which writes its own section, bench-colo-net:
+#   --net-only  run only the network part       --no-net  skip it
+#   --net-X V   passed to bench_colo_net.py as --X V, e.g. --net-rounds 3, --net-intervals 1000,
+#               --net-lock /tmp/some.lock (flock around each boot), --net-logs DIR, --net-raw FILE
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
 build=1
+net=1
+checkpoints=1
 args=()
-for a in "$@"; do
-    if [[ "$a" == --no-build ]]; then build=0; else args+=("$a"); fi
+net_args=()
+while (($#)); do
+    case "$1" in
+        --no-build) build=0 ;;
+        --no-net) net=0 ;;
+        --net-only) checkpoints=0 ;;
+        --net-*)
+            net_args+=("--${1#--net-}")
+            if [[ "$1" != *=* && $# -gt 1 ]]; then net_args+=("$2"); shift; fi ;;
+        *) args+=("$1") ;;
+    esac
+    shift
 done
 need=()
 command -v qemu-system-x86_64 >/dev/null || need+=(qemu-system-x86)
 command -v gcc >/dev/null || need+=(gcc libc6-dev)
 command -v ss >/dev/null || need+=(iproute2)
+if ((net)); then
+    command -v redis-benchmark >/dev/null || need+=(redis-tools)
+    command -v ping >/dev/null || need+=(iputils-ping)
+fi
 if ((${#need[@]})); then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
@@ -42,7 +64,16 @@ elif [[ ! -x target/guest/testguest ]]; then
     bash scripts/build-guest.sh
 fi
 # The Python side stops every VMM it started (also on SIGTERM); forward INT/TERM to it by pid.
-"$py" scripts/bench_colo.py ${args[@]+"${args[@]}"} &
-pid=$!
-trap 'kill -TERM "$pid" 2>/dev/null; wait "$pid"' INT TERM
-wait "$pid"
+pid=
+trap '[[ -z "$pid" ]] || kill -TERM "$pid" 2>/dev/null; wait; exit 143' INT TERM
+if ((checkpoints)); then
+    "$py" scripts/bench_colo.py ${args[@]+"${args[@]}"} &
+    pid=$!
+    wait "$pid"
+fi
+# The network part also removes every namespace it made.
+if ((net)); then
+    "$py" scripts/bench_colo_net.py ${net_args[@]+"${net_args[@]}"} &
+    pid=$!
+    wait "$pid"
+fi

@@ -43,7 +43,8 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import COLOVMM, GUEST, ROOT, Vm, processes, qemu_cmd, update_section  # noqa: E402
+from bench_common import (  # noqa: E402
+    COLOVMM, GUEST, ROOT, EventTail, Vm, processes, qemu_cmd, update_section)
 from bench_migration import Qmp, free_port  # noqa: E402
 
 REMOTE = os.path.join(ROOT, "target/release/colovmm-remote")
@@ -205,34 +206,6 @@ def stats(xs):
 
 # ---------------------------------------------------------------------------------------------
 # colovmm
-
-
-class EventTail:
-    """Reads the JSON lines an event monitor appends to a file."""
-
-    def __init__(self, path):
-        self.path, self.pos, self.rest, self.events = path, 0, b"", []
-
-    def poll(self):
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(self.pos)
-                data = f.read()
-        except FileNotFoundError:
-            return self.events
-        self.pos += len(data)
-        lines = (self.rest + data).split(b"\n")
-        self.rest = lines.pop()
-        for line in lines:
-            if line.strip():
-                try:
-                    self.events.append(json.loads(line))
-                except ValueError:
-                    pass
-        return self.events
-
-    def colo(self, name):
-        return [e for e in self.poll() if e.get("source") == "colo" and e.get("event") == name]
 
 
 def remote(sock, *args, timeout=10):

@@ -1,6 +1,7 @@
 """Shared by the benchmark scripts: run a VMM on the test guest, time console lines, and
 update one section of docs/benchmarks.md."""
 
+import json
 import os
 import re
 import select
@@ -106,3 +107,31 @@ def processes(names, argc=3):
         if any(os.path.basename(a.decode(errors="replace")) in names for a in args[:argc]):
             found.append(f"{pid}: " + b" ".join(args).decode(errors="replace").strip()[:160])
     return found
+
+
+class EventTail:
+    """Reads the JSON lines an event monitor appends to a file."""
+
+    def __init__(self, path):
+        self.path, self.pos, self.rest, self.events = path, 0, b"", []
+
+    def poll(self):
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.pos)
+                data = f.read()
+        except FileNotFoundError:
+            return self.events
+        self.pos += len(data)
+        lines = (self.rest + data).split(b"\n")
+        self.rest = lines.pop()
+        for line in lines:
+            if line.strip():
+                try:
+                    self.events.append(json.loads(line))
+                except ValueError:
+                    pass
+        return self.events
+
+    def colo(self, name):
+        return [e for e in self.poll() if e.get("source") == "colo" and e.get("event") == name]
