@@ -305,6 +305,19 @@ pub fn sample_colo_status() -> serde_json::Value {
         "mean_pages": 1075,
         "phases_mean_ms": {"pause": 0.4, "dirty_log": 1.2, "send": 6.8, "ack": 1.85},
         "exit": null,
-        "heartbeat": {"interval_ms": 100, "timeout_ms": 1000, "last_seen_ms_ago": 20.0}
+        "heartbeat": {"interval_ms": 100, "timeout_ms": 1000, "last_seen_ms_ago": 20.0},
+        "protected_ms": 61_250u64,
+        "proxy": {
+            "nic": "tap0",
+            "primary": {
+                "compare": {"primary_packets": 5120, "secondary_packets": 5118,
+                            "compared_bytes": 1_048_576u64, "released": 5119, "flushed": 12,
+                            "mismatches": 10, "timeouts": 0, "overflows": 0},
+                "mirrored": 4800, "pvm_epoch": 42, "svm_epoch": 42, "checkpoint_done": 42
+            },
+            "last_divergence": "mismatch: tcp 10.0.0.9:40000 <-> 10.0.0.5:80: payload differs",
+            "link": {"frames_sent": 4842, "frames_received": 5160, "outbox_dropped": 0,
+                     "backlog": 0, "inject_dropped": 0, "broken": null}
+        }
     })
 }
