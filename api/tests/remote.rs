@@ -435,6 +435,11 @@ fn colo_commands() {
         "phases (mean)   ack 1.9 ms, dirty_log 1.2 ms, pause 0.4 ms, send 6.8 ms",
         "phases (last)   ack 2.5 ms, dirty_log 1.5 ms, pause 0.5 ms, send 8.0 ms",
         "heartbeat       every 100 ms, timeout 1000 ms, last seen 20 ms ago",
+        "proxy nic       tap0",
+        "proxy           4800 mirrored; PVM 5120 / SVM 5118 packets, 1.0 MiB compared, 5119 \
+         released (12 unmatched at a checkpoint), 10 mismatches, 0 timeouts, 0 overflows",
+        "divergence      mismatch: tcp 10.0.0.9:40000 <-> 10.0.0.5:80: payload differs",
+        "proxy channel   4842 frames sent, 5160 received, 0 dropped (queue full), 0 not injected",
     ] {
         assert!(o.stdout.contains(want), "missing {want:?} in\n{}", o.stdout);
     }

@@ -82,7 +82,7 @@ fn proxy_rows(p: &Value) -> Vec<Vec<String>> {
             ),
         ]);
         if let Some(d) = p["last_divergence"].as_str() {
-            rows.push(vec!["last divergence".into(), d.to_string()]);
+            rows.push(vec!["divergence".into(), d.to_string()]);
         }
     }
     let se = &p["secondary"];
