@@ -9,6 +9,7 @@
 //! `docs/colo.md` has the protocol and its sequence diagram.
 
 pub mod auth;
+pub mod block;
 pub mod heartbeat;
 pub mod primary;
 pub mod protection;
