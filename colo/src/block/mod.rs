@@ -31,7 +31,9 @@ mod codec;
 mod handle;
 mod journal;
 pub mod layer;
+pub mod mirror;
 pub mod replica;
+pub mod sync;
 
 #[cfg(test)]
 mod tests;

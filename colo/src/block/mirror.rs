@@ -1,0 +1,351 @@
+//! Block replication, the primary's side: a [`BlockBackend`] that writes the PVM's own image
+//! and hands every write to the secondary ([`Replicator`]).
+//!
+//! The guest's write completes once the secondary holds it ([`Completion::Replicated`], the
+//! default), or as soon as the local image does ([`Completion::Local`]). Local-first is still
+//! consistent for COLO — a checkpoint is ordered after every write sent before its pause, and
+//! the PVM's output that depends on a write leaves only after such a checkpoint — but it lets an
+//! unbounded amount of written data be in flight: a checkpoint then waits for all of it, and a
+//! primary that dies takes the unsent part with it (harmless: the SVM goes on from the last
+//! checkpoint, whose disk the secondary has whole).
+//!
+//! Replication never fails the guest's I/O: the first error detaches the mirror (the PVM's disk
+//! goes on alone), is counted, and is reported once through [`Replicator::failed`] so the
+//! caller ends protection with a clear event.
+//!
+//! Requests stay on one thread in the driver's order (`try_clone` keeps its default `None`),
+//! and the default `write_from_guest` snapshots the guest's buffers once, so the secondary
+//! gets exactly the bytes written locally.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use devices::virtio::block::BlockBackend;
+use serde::Serialize;
+
+/// One write the secondary must apply to its base, in order.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum DiskOp<'a> {
+    /// Bytes at an offset.
+    Write {
+        /// Byte offset.
+        offset: u64,
+        /// The data.
+        data: &'a [u8],
+    },
+    /// A range that must read back as zeroes (write-zeroes and discard alike: the secondary's
+    /// base must equal the primary's image).
+    Zeroes {
+        /// Byte offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+}
+
+/// Where the mirror sends writes: the disk channel to the secondary.
+pub trait Replicator: Send + Sync {
+    /// Sends `op` after every earlier one; with `wait`, returns once the secondary holds it.
+    fn replicate(&self, op: DiskOp<'_>, wait: bool) -> Result<(), String>;
+    /// Replication failed for good (called once, with the first error): end protection.
+    fn failed(&self, why: String);
+}
+
+/// When the guest's write completes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Completion {
+    /// Once the secondary holds it.
+    #[default]
+    Replicated,
+    /// Once the local image holds it (see the module documentation for the risk).
+    Local,
+}
+
+/// What the mirror did, for the status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MirrorCounters {
+    /// Writes (and zeroed ranges) handed to the secondary.
+    pub replicated: u64,
+    /// Their bytes.
+    pub bytes: u64,
+    /// Writes that were not replicated because replication had failed.
+    pub unreplicated: u64,
+    /// Whether replication failed (the disk goes on alone).
+    pub detached: bool,
+}
+
+/// The mirror's shared state: the replicator and the counters.
+pub struct Mirror {
+    replicator: Arc<dyn Replicator>,
+    completion: Completion,
+    detached: AtomicBool,
+    replicated: AtomicU64,
+    bytes: AtomicU64,
+    unreplicated: AtomicU64,
+}
+
+impl Mirror {
+    /// A mirror sending to `replicator`.
+    pub fn new(replicator: Arc<dyn Replicator>, completion: Completion) -> Arc<Mirror> {
+        Arc::new(Mirror {
+            replicator,
+            completion,
+            detached: AtomicBool::new(false),
+            replicated: AtomicU64::new(0),
+            bytes: AtomicU64::new(0),
+            unreplicated: AtomicU64::new(0),
+        })
+    }
+
+    /// Stops replicating (protection ended): the disk goes on alone.
+    pub fn detach(&self) {
+        self.detached.store(true, Ordering::Release);
+    }
+
+    /// The counters.
+    pub fn counters(&self) -> MirrorCounters {
+        MirrorCounters {
+            replicated: self.replicated.load(Ordering::Relaxed),
+            bytes: self.bytes.load(Ordering::Relaxed),
+            unreplicated: self.unreplicated.load(Ordering::Relaxed),
+            detached: self.detached.load(Ordering::Acquire),
+        }
+    }
+
+    /// Hands `op` to the secondary, after the local write succeeded.
+    fn send(&self, op: DiskOp<'_>) {
+        if self.detached.load(Ordering::Acquire) {
+            self.unreplicated.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+        let len = match op {
+            DiskOp::Write { data, .. } => data.len() as u64,
+            DiskOp::Zeroes { len, .. } => len,
+        };
+        let wait = self.completion == Completion::Replicated;
+        match self.replicator.replicate(op, wait) {
+            Ok(()) => {
+                self.replicated.fetch_add(1, Ordering::Relaxed);
+                self.bytes.fetch_add(len, Ordering::Relaxed);
+            }
+            Err(why) => {
+                self.unreplicated.fetch_add(1, Ordering::Relaxed);
+                if !self.detached.swap(true, Ordering::AcqRel) {
+                    log::warn!("COLO disk: replication failed, the disk goes on alone: {why}");
+                    self.replicator.failed(why);
+                }
+            }
+        }
+    }
+}
+
+/// The PVM's disk: its own image `B`, every write also sent through the [`Mirror`].
+pub struct MirrorDisk<B> {
+    local: B,
+    mirror: Arc<Mirror>,
+}
+
+impl<B: BlockBackend> MirrorDisk<B> {
+    /// Mirrors the writes to `local` through `mirror`.
+    pub fn new(local: B, mirror: Arc<Mirror>) -> Self {
+        MirrorDisk { local, mirror }
+    }
+
+    /// The mirror (counters, detach).
+    pub fn mirror(&self) -> &Arc<Mirror> {
+        &self.mirror
+    }
+}
+
+impl<B: BlockBackend> BlockBackend for MirrorDisk<B> {
+    fn size(&self) -> u64 {
+        self.local.size()
+    }
+
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+        self.local.read_at(offset, buf)
+    }
+
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+        // Local first: a write the PVM's image refused is not the PVM's disk, so it must not
+        // become the secondary's either.
+        self.local.write_at(offset, buf)?;
+        self.mirror.send(DiskOp::Write { offset, data: buf });
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        // The secondary's base needs no durability of its own: it is only ever used after the
+        // primary died, from the last checkpoint (which the base has whole).
+        self.local.flush()
+    }
+
+    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.local.discard(offset, len)?;
+        // A raw image reads a discarded range back as zeroes; the base must too.
+        self.mirror.send(DiskOp::Zeroes { offset, len });
+        Ok(())
+    }
+
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+        self.local.write_zeroes(offset, len)?;
+        self.mirror.send(DiskOp::Zeroes { offset, len });
+        Ok(())
+    }
+
+    fn read_to_guest(
+        &mut self,
+        offset: u64,
+        bufs: &[devices::virtio::block::GuestSlice<'_>],
+    ) -> io::Result<()> {
+        self.local.read_to_guest(offset, bufs)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// An in-memory disk.
+    struct Mem(Vec<u8>);
+
+    impl BlockBackend for Mem {
+        fn size(&self) -> u64 {
+            self.0.len() as u64
+        }
+        fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
+            let o = offset as usize;
+            let src = self
+                .0
+                .get(o..o + buf.len())
+                .ok_or(io::ErrorKind::InvalidInput)?;
+            buf.copy_from_slice(src);
+            Ok(())
+        }
+        fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
+            let o = offset as usize;
+            self.0
+                .get_mut(o..o + buf.len())
+                .ok_or(io::ErrorKind::InvalidInput)?
+                .copy_from_slice(buf);
+            Ok(())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
+            self.write_zeroes(offset, len)
+        }
+        fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
+            self.write_at(offset, &vec![0; len as usize])
+        }
+    }
+
+    /// Applies what it is sent to its own disk (the secondary's base); fails from `fail_at`.
+    #[derive(Default)]
+    struct Secondary {
+        base: Mutex<Vec<u8>>,
+        waits: Mutex<Vec<bool>>,
+        fail_at: Option<usize>,
+        failed: Mutex<Vec<String>>,
+    }
+
+    impl Replicator for Secondary {
+        fn replicate(&self, op: DiskOp<'_>, wait: bool) -> Result<(), String> {
+            let mut waits = self.waits.lock().unwrap();
+            if self.fail_at.is_some_and(|n| waits.len() >= n) {
+                return Err("the secondary is gone".into());
+            }
+            waits.push(wait);
+            let mut base = self.base.lock().unwrap();
+            match op {
+                DiskOp::Write { offset, data } => {
+                    base[offset as usize..offset as usize + data.len()].copy_from_slice(data)
+                }
+                DiskOp::Zeroes { offset, len } => {
+                    base[offset as usize..(offset + len) as usize].fill(0)
+                }
+            }
+            Ok(())
+        }
+        fn failed(&self, why: String) {
+            self.failed.lock().unwrap().push(why);
+        }
+    }
+
+    fn setup(fail_at: Option<usize>, completion: Completion) -> (MirrorDisk<Mem>, Arc<Secondary>) {
+        let sec = Arc::new(Secondary {
+            base: Mutex::new(vec![7; 8192]),
+            fail_at,
+            ..Secondary::default()
+        });
+        let disk = MirrorDisk::new(Mem(vec![7; 8192]), Mirror::new(sec.clone(), completion));
+        (disk, sec)
+    }
+
+    #[test]
+    fn every_write_reaches_both_in_order() {
+        let (mut d, sec) = setup(None, Completion::Replicated);
+        d.write_at(100, b"hello").unwrap();
+        d.write_zeroes(0, 50).unwrap();
+        d.discard(4096, 4096).unwrap();
+        d.write_at(4100, b"over the discard").unwrap();
+        assert_eq!(&*sec.base.lock().unwrap(), &d.local.0);
+        assert_eq!(*sec.waits.lock().unwrap(), [true; 4]);
+        let c = d.mirror().counters();
+        assert_eq!(
+            (c.replicated, c.bytes, c.detached),
+            (4, 5 + 50 + 4096 + 16, false)
+        );
+        let mut buf = [0u8; 5];
+        d.read_at(100, &mut buf).unwrap();
+        assert_eq!(&buf, b"hello");
+    }
+
+    #[test]
+    fn local_completion_does_not_wait() {
+        let (mut d, sec) = setup(None, Completion::Local);
+        d.write_at(0, b"x").unwrap();
+        assert_eq!(*sec.waits.lock().unwrap(), [false]);
+    }
+
+    #[test]
+    fn a_replication_error_never_fails_the_guest_and_is_reported_once() {
+        let (mut d, sec) = setup(Some(1), Completion::Replicated);
+        d.write_at(0, b"first").unwrap();
+        d.write_at(10, b"second").unwrap();
+        d.write_at(20, b"third").unwrap();
+        assert_eq!(
+            &d.local.0[10..16],
+            b"second",
+            "the PVM's disk has every write"
+        );
+        assert_eq!(&sec.base.lock().unwrap()[10..16], &[7u8; 6]);
+        assert_eq!(sec.failed.lock().unwrap().len(), 1);
+        let c = d.mirror().counters();
+        assert_eq!((c.replicated, c.unreplicated, c.detached), (1, 2, true));
+    }
+
+    #[test]
+    fn a_local_error_is_the_guests_and_is_not_replicated() {
+        let (mut d, sec) = setup(None, Completion::Replicated);
+        assert!(d.write_at(8190, b"past the end").is_err());
+        assert!(sec.waits.lock().unwrap().is_empty());
+    }
+
+    #[test]
+    fn a_detached_mirror_only_writes_locally() {
+        let (mut d, sec) = setup(None, Completion::Replicated);
+        d.mirror().detach();
+        d.write_at(0, b"alone").unwrap();
+        assert!(sec.waits.lock().unwrap().is_empty());
+        assert!(
+            sec.failed.lock().unwrap().is_empty(),
+            "detaching is not a failure"
+        );
+        assert_eq!(d.mirror().counters().unreplicated, 1);
+    }
+}
