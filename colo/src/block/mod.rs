@@ -32,6 +32,7 @@ mod handle;
 mod journal;
 pub mod layer;
 pub mod mirror;
+pub mod order;
 pub mod replica;
 pub mod sync;
 
