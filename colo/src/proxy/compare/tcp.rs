@@ -246,6 +246,21 @@ impl TcpDir {
         (start, end, seg.rst.then_some(end))
     }
 
+    /// Places a segment and keeps the PVM frame carrying it, if any; returns its start.
+    fn place_and_hold(&mut self, seg: &TcpSeg, held: Option<Held>) -> i64 {
+        let (start, end, rst) = self.place(seg);
+        if let Some(held) = held {
+            self.held.push_back(HeldSeg {
+                held,
+                start,
+                end,
+                rst,
+                ack: seg.ack,
+            });
+        }
+        start
+    }
+
     pub(super) fn push(
         &mut self,
         side: Side,
@@ -266,16 +281,7 @@ impl TcpDir {
             self.release_ready(&mut o);
             return o;
         }
-        let (start, end, rst) = self.place(&seg);
-        if let Some(held) = held {
-            self.held.push_back(HeldSeg {
-                held,
-                start,
-                end,
-                rst,
-                ack: seg.ack,
-            });
-        }
+        let start = self.place_and_hold(&seg, held);
         match self.absorb(side, start, seg, now) {
             Ok(n) => o.compared = n,
             Err(what) => o.mismatch = Some(what),
@@ -337,16 +343,7 @@ impl TcpDir {
         if let Some(a) = seg.ack {
             self.pvm_ack = Some(seq_max(self.pvm_ack, a));
         }
-        let (start, end, rst) = self.place(&seg);
-        if let Some(held) = held {
-            self.held.push_back(HeldSeg {
-                held,
-                start,
-                end,
-                rst,
-                ack: seg.ack,
-            });
-        }
+        self.place_and_hold(&seg, held);
     }
 
     /// After a checkpoint: everything held goes, and what the PVM sent so far becomes old for
