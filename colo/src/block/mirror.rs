@@ -206,43 +206,9 @@ impl<B: BlockBackend> BlockBackend for MirrorDisk<B> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::testdisk::Mem;
     use super::*;
     use std::sync::Mutex;
-
-    /// An in-memory disk.
-    struct Mem(Vec<u8>);
-
-    impl BlockBackend for Mem {
-        fn size(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-            let o = offset as usize;
-            let src = self
-                .0
-                .get(o..o + buf.len())
-                .ok_or(io::ErrorKind::InvalidInput)?;
-            buf.copy_from_slice(src);
-            Ok(())
-        }
-        fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
-            let o = offset as usize;
-            self.0
-                .get_mut(o..o + buf.len())
-                .ok_or(io::ErrorKind::InvalidInput)?
-                .copy_from_slice(buf);
-            Ok(())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-        fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
-            self.write_zeroes(offset, len)
-        }
-        fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
-            self.write_at(offset, &vec![0; len as usize])
-        }
-    }
 
     /// Applies what it is sent to its own disk (the secondary's base); fails from `fail_at`.
     #[derive(Default)]

@@ -37,6 +37,8 @@ pub mod replica;
 pub mod sync;
 
 #[cfg(test)]
+mod testdisk;
+#[cfg(test)]
 mod tests;
 
 pub use handle::ReplicaHandle;

@@ -191,35 +191,8 @@ fn apply<B: BlockBackend>(disk: &mut ReplicaDisk<B>, op: DiskOp<'_>) -> Result<(
 #[cfg(test)]
 mod tests {
     use super::super::replica::{LayerStore, ReplicaConfig};
+    use super::super::testdisk::Mem;
     use super::*;
-    use std::io;
-
-    struct Mem(Vec<u8>);
-
-    impl BlockBackend for Mem {
-        fn size(&self) -> u64 {
-            self.0.len() as u64
-        }
-        fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-            let o = offset as usize;
-            buf.copy_from_slice(&self.0[o..o + buf.len()]);
-            Ok(())
-        }
-        fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
-            let o = offset as usize;
-            self.0[o..o + buf.len()].copy_from_slice(buf);
-            Ok(())
-        }
-        fn flush(&mut self) -> io::Result<()> {
-            Ok(())
-        }
-        fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
-            self.write_zeroes(offset, len)
-        }
-        fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
-            self.write_at(offset, &vec![0; len as usize])
-        }
-    }
 
     fn disk() -> ReplicaDisk<Mem> {
         let cfg = ReplicaConfig {
