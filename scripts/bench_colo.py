@@ -44,7 +44,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import (  # noqa: E402
-    COLOVMM, GUEST, ROOT, EventTail, Vm, processes, qemu_cmd, update_section)
+    COLOVMM, GUEST, ROOT, EventTail, Failed, Vm, check_alive, processes, qemu_cmd, update_section)
 from bench_migration import Qmp, free_port  # noqa: E402
 
 REMOTE = os.path.join(ROOT, "target/release/colovmm-remote")
@@ -68,10 +68,6 @@ OTHER_BENCHMARKS = ("bench_io.py", "bench_boot.py", "bench_migration.py")
 # up to FOREIGN_WAIT_S, then the run goes ahead and the table says so.
 FOREIGN = ("colovmm", "qemu-system-x86_64", "cargo", "rustc")
 FOREIGN_WAIT_S = 120
-
-
-class Failed(Exception):
-    """The run did not give its checkpoints (a VMM died, protection ended, a timeout)."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -120,13 +116,7 @@ class Proc(Vm):
             return ""
 
 
-def check_alive(*procs):
-    for name, p in procs:
-        if p is not None and not p.alive():
-            rc = p.proc.returncode
-            how = f"was killed by {signal.Signals(-rc).name} (not by this script)" if rc < 0 \
-                else f"exited with {rc}"
-            raise Failed(f"the {name} {how}: {p.tail() or 'no message on its stderr'}")
+
 
 
 def wait_for_quiet_machine():

@@ -53,7 +53,8 @@ import threading
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import COLOVMM, GUEST, ROOT, EventTail, processes, update_section  # noqa: E402
+from bench_common import (  # noqa: E402
+    COLOVMM, GUEST, ROOT, EventTail, Failed, check_alive, processes, update_section)
 from bench_migration import Qmp  # noqa: E402
 
 REMOTE = os.path.join(ROOT, "target/release/colovmm-remote")
@@ -86,10 +87,6 @@ OTHER_BENCHMARKS = ("bench_io.py", "bench_boot.py", "bench_migration.py", "bench
 FOREIGN = ("colovmm", "qemu-system-x86_64", "cargo", "rustc")
 FOREIGN_WAIT_S = 120
 NS_PREFIX = "cvnb"
-
-
-class Failed(Exception):
-    """A setup did not give its numbers (a VMM died, protection ended, a client failed)."""
 
 
 def sh(*args, check=True, timeout=60):
@@ -240,12 +237,7 @@ class Proc:
             return ""
 
 
-def check_alive(*named):
-    for name, p in named:
-        if p is not None and not p.alive():
-            rc = p.proc.returncode
-            how = f"was killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with {rc}"
-            raise Failed(f"the {name} {how}: {p.tail() or 'no message'}")
+
 
 
 def wait_console(path, pattern, timeout, *named):

@@ -5,6 +5,7 @@ import json
 import os
 import re
 import select
+import signal
 import statistics
 import subprocess
 import time
@@ -135,3 +136,18 @@ class EventTail:
 
     def colo(self, name):
         return [e for e in self.poll() if e.get("source") == "colo" and e.get("event") == name]
+
+
+class Failed(Exception):
+    """A benchmark run did not give its numbers (a VMM died, protection ended, a client failed)."""
+
+
+def check_alive(*named):
+    """Raises Failed if one of the (name, process) pairs has exited; a process has `alive()`,
+    `proc` (its Popen) and `tail()` (its last stderr lines)."""
+    for name, p in named:
+        if p is not None and not p.alive():
+            rc = p.proc.returncode
+            how = f"was killed by {signal.Signals(-rc).name} (not by this script)" if rc < 0 \
+                else f"exited with {rc}"
+            raise Failed(f"the {name} {how}: {p.tail() or 'no message on its stderr'}")
