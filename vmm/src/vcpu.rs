@@ -100,13 +100,18 @@ impl Vcpu {
             };
             // Keep the lock across exits while running; a kick ends the inner loop.
             let mut stop = None;
+            let mut io_pending = false;
             while self.ctx.control.state() == RunState::Running {
-                if let Some(req) = self.run_once(&mut fd) {
-                    stop = Some(req);
-                    break;
+                match self.run_once(&mut fd) {
+                    Step::Stop(req) => {
+                        stop = Some(req);
+                        break;
+                    }
+                    step => io_pending = step == Step::Io,
                 }
             }
-            if stop.is_none() {
+            // Left after a kick (the usual pause), nothing is pending: no extra KVM_RUN.
+            if stop.is_none() && io_pending {
                 stop = self.settle(&mut fd);
             }
             if let Some(req) = stop {
@@ -130,33 +135,16 @@ impl Vcpu {
         // An access may complete into another exit (a string instruction's next element).
         for _ in 0..16 {
             fd.set_kvm_immediate_exit(1);
-            match fd.run() {
-                Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
+            match self.run_once(fd) {
+                // run_once cleared the flag.
+                Step::Kicked => return None,
+                Step::Io => {}
+                // Another exit: the access itself has completed; the run loop takes what
+                // follows once the VM runs again.
+                Step::Other => break,
+                Step::Stop(req) => {
                     fd.set_kvm_immediate_exit(0);
-                    return None;
-                }
-                Ok(VcpuExit::IoIn(port, data)) => {
-                    if !self.ctx.pio.read(port.into(), data) {
-                        data.fill(0xff);
-                    }
-                }
-                Ok(VcpuExit::IoOut(port, data)) => {
-                    self.ctx.pio.write(port.into(), data);
-                }
-                Ok(VcpuExit::MmioRead(addr, data)) => {
-                    if !self.ctx.mmio.read(addr, data) {
-                        data.fill(0);
-                    }
-                }
-                Ok(VcpuExit::MmioWrite(addr, data)) => {
-                    self.ctx.mmio.write(addr, data);
-                }
-                // Anything else would need the full exit handling: let the run loop have it
-                // once the VM runs again (the access itself has completed).
-                Ok(_) => break,
-                Err(e) => {
-                    fd.set_kvm_immediate_exit(0);
-                    return Some(self.crash(fd, &format!("KVM_RUN failed: {e}")));
+                    return Some(req);
                 }
             }
         }
@@ -164,8 +152,8 @@ impl Vcpu {
         None
     }
 
-    /// One KVM_RUN; returns a request when the VM must stop.
-    fn run_once(&self, fd: &mut VcpuFd) -> Option<ExitRequest> {
+    /// One KVM_RUN and what came of it.
+    fn run_once(&self, fd: &mut VcpuFd) -> Step {
         let ctx = &self.ctx;
         match fd.run() {
             Ok(VcpuExit::IoIn(port, data)) => {
@@ -173,50 +161,52 @@ impl Vcpu {
                 if !ctx.pio.read(port.into(), data) {
                     data.fill(0xff);
                 }
-                None
+                Step::Io
             }
             Ok(VcpuExit::IoOut(port, data)) => {
                 ctx.exits.pio.fetch_add(1, Ordering::Relaxed);
                 ctx.pio.write(port.into(), data);
-                None
+                Step::Io
             }
             Ok(VcpuExit::MmioRead(addr, data)) => {
                 ctx.exits.mmio.fetch_add(1, Ordering::Relaxed);
                 if !ctx.mmio.read(addr, data) {
                     data.fill(0);
                 }
-                None
+                Step::Io
             }
             Ok(VcpuExit::MmioWrite(addr, data)) => {
                 ctx.exits.mmio.fetch_add(1, Ordering::Relaxed);
                 ctx.mmio.write(addr, data);
-                None
+                Step::Io
             }
-            Ok(VcpuExit::Hlt) | Ok(VcpuExit::IrqWindowOpen) | Ok(VcpuExit::Intr) => None,
-            Ok(VcpuExit::Shutdown) => Some(self.crash(fd, "triple fault (KVM_EXIT_SHUTDOWN)")),
-            Ok(VcpuExit::SystemEvent(kind, _)) => match kind {
-                KVM_SYSTEM_EVENT_SHUTDOWN => Some(ExitRequest::PowerOff),
-                KVM_SYSTEM_EVENT_RESET => Some(ExitRequest::Reset),
-                KVM_SYSTEM_EVENT_CRASH => Some(self.crash(fd, "guest reported a crash")),
-                other => Some(self.crash(fd, &format!("unknown system event {other}"))),
-            },
+            Ok(VcpuExit::Hlt) | Ok(VcpuExit::IrqWindowOpen) | Ok(VcpuExit::Intr) => Step::Other,
+            Ok(VcpuExit::Shutdown) => {
+                Step::Stop(self.crash(fd, "triple fault (KVM_EXIT_SHUTDOWN)"))
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => Step::Stop(match kind {
+                KVM_SYSTEM_EVENT_SHUTDOWN => ExitRequest::PowerOff,
+                KVM_SYSTEM_EVENT_RESET => ExitRequest::Reset,
+                KVM_SYSTEM_EVENT_CRASH => self.crash(fd, "guest reported a crash"),
+                other => self.crash(fd, &format!("unknown system event {other}")),
+            }),
             Ok(VcpuExit::InternalError) => {
-                Some(self.crash(fd, "KVM internal error (instruction emulation failed)"))
+                Step::Stop(self.crash(fd, "KVM internal error (instruction emulation failed)"))
             }
-            Ok(VcpuExit::FailEntry(reason, cpu)) => Some(self.crash(
+            Ok(VcpuExit::FailEntry(reason, cpu)) => Step::Stop(self.crash(
                 fd,
                 &format!("VM entry failed (hardware reason {reason:#x} on host CPU {cpu})"),
             )),
             Ok(other) => {
                 let what = format!("unexpected exit {other:?}");
-                Some(self.crash(fd, &what))
+                Step::Stop(self.crash(fd, &what))
             }
             Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                 // Kicked: clear KVM's immediate-exit flag and look at the run state again.
                 fd.set_kvm_immediate_exit(0);
-                None
+                Step::Kicked
             }
-            Err(e) => Some(self.crash(fd, &format!("KVM_RUN failed: {e}"))),
+            Err(e) => Step::Stop(self.crash(fd, &format!("KVM_RUN failed: {e}"))),
         }
     }
 
@@ -233,6 +223,19 @@ impl Vcpu {
         }
         ExitRequest::Crash(msg)
     }
+}
+
+/// What one KVM_RUN came to.
+#[derive(Debug, PartialEq)]
+enum Step {
+    /// A port or MMIO access, served; KVM completes it on the next KVM_RUN.
+    Io,
+    /// Kicked out (EINTR): the run state may have changed.
+    Kicked,
+    /// Another exit that needs nothing (HLT, interrupt window).
+    Other,
+    /// The VM must stop.
+    Stop(ExitRequest),
 }
 
 /// What vCPU threads should be doing.
