@@ -20,6 +20,7 @@ pub mod secondary;
 pub mod staging;
 pub mod status;
 pub mod vm;
+pub mod wire;
 
 pub use primary::{start_primary, PrimaryConfig};
 pub use protection::{Protection, ProtectionError};

@@ -1,5 +1,5 @@
-//! Block replication, the primary's side: a [`BlockBackend`] that writes the PVM's own image
-//! and hands every write to the secondary ([`Replicator`]).
+//! Block replication, the primary's side: the [`WriteHook`] that hands every write of the
+//! PVM's disk to the secondary ([`Replicator`]) after the PVM's own image took it.
 //!
 //! The guest's write completes once the secondary holds it ([`Completion::Replicated`], the
 //! default), or as soon as the local image does ([`Completion::Local`]). Local-first is still
@@ -13,36 +13,18 @@
 //! goes on alone), is counted, and is reported once through [`Replicator::failed`] so the
 //! caller ends protection with a clear event.
 //!
-//! Requests stay on one thread in the driver's order (`try_clone` keeps its default `None`),
-//! and the default `write_from_guest` snapshots the guest's buffers once, so the secondary
-//! gets exactly the bytes written locally.
+//! The device's [`devices::virtio::block::Hooked`] backend calls the hook under its slot's
+//! lock, in the image's order, with the bytes snapshotted once: the secondary gets exactly
+//! the bytes written locally, in the same order.
 
-use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use devices::virtio::block::BlockBackend;
+use devices::virtio::block::{WriteHook, WriteOp};
 use serde::Serialize;
 
-/// One write the secondary must apply to its base, in order.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum DiskOp<'a> {
-    /// Bytes at an offset.
-    Write {
-        /// Byte offset.
-        offset: u64,
-        /// The data.
-        data: &'a [u8],
-    },
-    /// A range that must read back as zeroes (write-zeroes and discard alike: the secondary's
-    /// base must equal the primary's image).
-    Zeroes {
-        /// Byte offset.
-        offset: u64,
-        /// Length in bytes.
-        len: u64,
-    },
-}
+/// One write the secondary must apply to its base, in order (the device's [`WriteOp`]).
+pub type DiskOp<'a> = WriteOp<'a>;
 
 /// Where the mirror sends writes: the disk channel to the secondary.
 pub trait Replicator: Send + Sync {
@@ -115,7 +97,7 @@ impl Mirror {
     }
 
     /// Hands `op` to the secondary, after the local write succeeded.
-    fn send(&self, op: DiskOp<'_>) {
+    pub fn send(&self, op: DiskOp<'_>) {
         if self.detached.load(Ordering::Acquire) {
             self.unreplicated.fetch_add(1, Ordering::Relaxed);
             return;
@@ -141,66 +123,9 @@ impl Mirror {
     }
 }
 
-/// The PVM's disk: its own image `B`, every write also sent through the [`Mirror`].
-pub struct MirrorDisk<B> {
-    local: B,
-    mirror: Arc<Mirror>,
-}
-
-impl<B: BlockBackend> MirrorDisk<B> {
-    /// Mirrors the writes to `local` through `mirror`.
-    pub fn new(local: B, mirror: Arc<Mirror>) -> Self {
-        MirrorDisk { local, mirror }
-    }
-
-    /// The mirror (counters, detach).
-    pub fn mirror(&self) -> &Arc<Mirror> {
-        &self.mirror
-    }
-}
-
-impl<B: BlockBackend> BlockBackend for MirrorDisk<B> {
-    fn size(&self) -> u64 {
-        self.local.size()
-    }
-
-    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.local.read_at(offset, buf)
-    }
-
-    fn write_at(&mut self, offset: u64, buf: &[u8]) -> io::Result<()> {
-        // Local first: a write the PVM's image refused is not the PVM's disk, so it must not
-        // become the secondary's either.
-        self.local.write_at(offset, buf)?;
-        self.mirror.send(DiskOp::Write { offset, data: buf });
-        Ok(())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        // The secondary's base needs no durability of its own: it is only ever used after the
-        // primary died, from the last checkpoint (which the base has whole).
-        self.local.flush()
-    }
-
-    fn discard(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        self.local.discard(offset, len)?;
-        // A raw image reads a discarded range back as zeroes; the base must too.
-        self.mirror.send(DiskOp::Zeroes { offset, len });
-        Ok(())
-    }
-
-    fn write_zeroes(&mut self, offset: u64, len: u64) -> io::Result<()> {
-        self.local.write_zeroes(offset, len)?;
-        self.mirror.send(DiskOp::Zeroes { offset, len });
-        Ok(())
-    }
-
-    fn read_to_guest(
-        &mut self,
-        offset: u64,
-        bufs: &[devices::virtio::block::GuestSlice<'_>],
-    ) -> io::Result<()> {
-        self.local.read_to_guest(offset, bufs)
+impl WriteHook for Mirror {
+    fn written(&self, op: WriteOp<'_>) {
+        self.send(op);
     }
 }
 
@@ -208,6 +133,7 @@ impl<B: BlockBackend> BlockBackend for MirrorDisk<B> {
 mod tests {
     use super::super::testdisk::Mem;
     use super::*;
+    use devices::virtio::block::{BlockBackend, Hooked, WriteSlot};
     use std::sync::Mutex;
 
     /// Applies what it is sent to its own disk (the secondary's base); fails from `fail_at`.
@@ -242,24 +168,46 @@ mod tests {
         }
     }
 
-    fn setup(fail_at: Option<usize>, completion: Completion) -> (MirrorDisk<Mem>, Arc<Secondary>) {
+    /// The PVM's disk with the mirror in its slot.
+    struct Pvm {
+        disk: Hooked,
+        mirror: Arc<Mirror>,
+    }
+
+    impl Pvm {
+        fn mirror(&self) -> &Mirror {
+            &self.mirror
+        }
+
+        fn local(&mut self) -> Vec<u8> {
+            let mut all = vec![0; 8192];
+            self.disk.read_at(0, &mut all).unwrap();
+            all
+        }
+    }
+
+    fn setup(fail_at: Option<usize>, completion: Completion) -> (Pvm, Arc<Secondary>) {
         let sec = Arc::new(Secondary {
             base: Mutex::new(vec![7; 8192]),
             fail_at,
             ..Secondary::default()
         });
-        let disk = MirrorDisk::new(Mem(vec![7; 8192]), Mirror::new(sec.clone(), completion));
-        (disk, sec)
+        let slot = WriteSlot::new();
+        let mirror = Mirror::new(sec.clone(), completion);
+        slot.install(mirror.clone()).unwrap();
+        let disk = Hooked::new(Box::new(Mem(vec![7; 8192])), slot);
+        (Pvm { disk, mirror }, sec)
     }
 
     #[test]
     fn every_write_reaches_both_in_order() {
         let (mut d, sec) = setup(None, Completion::Replicated);
-        d.write_at(100, b"hello").unwrap();
-        d.write_zeroes(0, 50).unwrap();
-        d.discard(4096, 4096).unwrap();
-        d.write_at(4100, b"over the discard").unwrap();
-        assert_eq!(&*sec.base.lock().unwrap(), &d.local.0);
+        d.disk.write_at(100, b"hello").unwrap();
+        d.disk.write_zeroes(0, 50).unwrap();
+        d.disk.discard(4096, 4096).unwrap();
+        d.disk.write_at(4100, b"over the discard").unwrap();
+        let local = d.local();
+        assert_eq!(&*sec.base.lock().unwrap(), &local);
         assert_eq!(*sec.waits.lock().unwrap(), [true; 4]);
         let c = d.mirror().counters();
         assert_eq!(
@@ -267,25 +215,25 @@ mod tests {
             (4, 5 + 50 + 4096 + 16, false)
         );
         let mut buf = [0u8; 5];
-        d.read_at(100, &mut buf).unwrap();
+        d.disk.read_at(100, &mut buf).unwrap();
         assert_eq!(&buf, b"hello");
     }
 
     #[test]
     fn local_completion_does_not_wait() {
         let (mut d, sec) = setup(None, Completion::Local);
-        d.write_at(0, b"x").unwrap();
+        d.disk.write_at(0, b"x").unwrap();
         assert_eq!(*sec.waits.lock().unwrap(), [false]);
     }
 
     #[test]
     fn a_replication_error_never_fails_the_guest_and_is_reported_once() {
         let (mut d, sec) = setup(Some(1), Completion::Replicated);
-        d.write_at(0, b"first").unwrap();
-        d.write_at(10, b"second").unwrap();
-        d.write_at(20, b"third").unwrap();
+        d.disk.write_at(0, b"first").unwrap();
+        d.disk.write_at(10, b"second").unwrap();
+        d.disk.write_at(20, b"third").unwrap();
         assert_eq!(
-            &d.local.0[10..16],
+            &d.local()[10..16],
             b"second",
             "the PVM's disk has every write"
         );
@@ -298,7 +246,7 @@ mod tests {
     #[test]
     fn a_local_error_is_the_guests_and_is_not_replicated() {
         let (mut d, sec) = setup(None, Completion::Replicated);
-        assert!(d.write_at(8190, b"past the end").is_err());
+        assert!(d.disk.write_at(8190, b"past the end").is_err());
         assert!(sec.waits.lock().unwrap().is_empty());
     }
 
@@ -306,7 +254,7 @@ mod tests {
     fn a_detached_mirror_only_writes_locally() {
         let (mut d, sec) = setup(None, Completion::Replicated);
         d.mirror().detach();
-        d.write_at(0, b"alone").unwrap();
+        d.disk.write_at(0, b"alone").unwrap();
         assert!(sec.waits.lock().unwrap().is_empty());
         assert!(
             sec.failed.lock().unwrap().is_empty(),

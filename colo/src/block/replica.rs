@@ -310,6 +310,38 @@ impl<B: BlockBackend> ReplicaDisk<B> {
             .map_err(ReplicaError::Base)
     }
 
+    /// Writes the primary's `data` at `offset` straight into the base: the initial sync and
+    /// the primary's writes before the first checkpoint, when the SVM has never run and its
+    /// view is the base itself (a copy-before-write would only fill the hidden layer with
+    /// what the first checkpoint drops).
+    pub fn seed_write(&mut self, offset: u64, data: &[u8]) -> Result<(), ReplicaError> {
+        self.seeding()?;
+        self.check(offset, data.len() as u64)?;
+        self.base.write_at(offset, data).map_err(ReplicaError::Base)
+    }
+
+    /// Zeroes `len` bytes at `offset` of the base, like [`Self::seed_write`].
+    pub fn seed_zeroes(&mut self, offset: u64, len: u64) -> Result<(), ReplicaError> {
+        self.seeding()?;
+        self.check(offset, len)?;
+        if len == 0 {
+            return Ok(());
+        }
+        self.base
+            .write_zeroes(offset, len)
+            .map_err(ReplicaError::Base)
+    }
+
+    fn seeding(&self) -> Result<(), ReplicaError> {
+        self.replicating("seeding the base")?;
+        if self.stats.checkpoints > 0 {
+            return Err(ReplicaError::NotReplicating(
+                "seeding the base after the first checkpoint",
+            ));
+        }
+        Ok(())
+    }
+
     fn copy_before_write(&mut self, offset: u64, len: u64) -> Result<(), ReplicaError> {
         for seg in self.geo.segments(offset, len) {
             let b = seg.block;

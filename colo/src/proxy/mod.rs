@@ -17,9 +17,10 @@
 //! - [`rewriter`]: [`rewriter::SeqRewriter`], which puts the SVM's TCP sequence numbers into
 //!   the PVM's space and the client's acknowledgments into the SVM's, per connection opened
 //!   since the last checkpoint.
-//! - [`wire`]: the frames of the proxy channel between primary and secondary (mirrored
-//!   packets, the SVM's packets, ISN offsets, epoch markers), each MAC'd under the connection's
-//!   `auth` session key; [`wire::FrameWriter`] and [`wire::FrameReader`].
+//! - [`wire`] (shared with block replication's disk channel, [`crate::wire`]): the frames of
+//!   the proxy channel between primary and secondary (mirrored packets, the SVM's packets, ISN
+//!   offsets, epoch markers), each MAC'd under the connection's `auth` session key;
+//!   [`wire::FrameWriter`] and [`wire::FrameReader`].
 //! - [`session`]: the two sides' proxy logic as synchronous state machines the caller feeds
 //!   with frames and checkpoint events: [`session::PrimaryProxy`] (mirror, hold, compare and
 //!   release per checkpoint epoch, in order) and [`session::SecondaryProxy`] (mirrored frames
@@ -32,4 +33,4 @@ pub mod link;
 pub mod packet;
 pub mod rewriter;
 pub mod session;
-pub mod wire;
+pub use crate::wire;

@@ -1,6 +1,10 @@
-//! The proxy channel: the frames the primary's and the secondary's proxy exchange over their
-//! own connection, one per protection session.
+//! COLO's data channels: the frames the primary and the secondary exchange over a connection
+//! of their own per [`Channel`] — the network proxy's and block replication's — one of each per
+//! protection session. Both share the framing, the MACs and the rules below; each message type
+//! belongs to one channel (or to both: hello, bye, epoch), and a frame of the other channel's
+//! type is refused.
 //!
+//! **Proxy channel.**
 //! The primary mirrors every packet a client sends to the PVM ([`Message::Mirror`], for the
 //! SVM's rx) and tells the secondary each TCP sequence offset its rewriter learned
 //! ([`Message::IsnOffset`]: after a failover the secondary needs them to keep the client's
@@ -9,7 +13,16 @@
 //! begins ([`Message::Epoch`]). Each side opens with a [`Message::Hello`] and may end with a
 //! [`Message::Bye`].
 //!
-//! The connection is authenticated with [`crate::auth`] (purpose [`PURPOSE`], [`handshake`])
+//! **Disk channel.** At the start the primary announces each disk ([`Message::DiskInfo`]);
+//! the secondary answers with its base's region hash list ([`Message::DiskHashes`], in chunks)
+//! and the primary sends the regions that differ, then every write of the PVM, as
+//! [`Message::DiskWrite`] and [`Message::DiskZeroes`], in the order the PVM's disk took them.
+//! The secondary acknowledges what it holds ([`Message::DiskAck`], a running count). At every
+//! checkpoint's pause the primary sends [`Message::Epoch`] (the write barrier): the writes
+//! after it belong to that checkpoint's epoch. See `docs/colo.md`, "Block replication".
+//!
+//! The connection is authenticated with [`crate::auth`] (purpose [`PURPOSE`] or
+//! [`DISK_PURPOSE`], [`handshake_on`])
 //! before any frame. Every frame then carries a MAC under the connection's [`SessionKey`] for
 //! its direction, over its sequence number, its header and its body, so a frame cannot be
 //! forged, altered, replayed, reordered, dropped (the next one fails) or sent back to its sender.
@@ -34,7 +47,12 @@
 //! | 3 | Mirror | primary | 12-byte vnet header + Ethernet frame, at least 26 bytes (opaque here) | 65 609 |
 //! | 4 | SvmOutput | secondary | the same form | 65 609 |
 //! | 5 | IsnOffset | primary | connection key (TCP only), guest direction u8 (0 lo→hi, 1 hi→lo), offset u32 (SVM ISN − PVM ISN), checkpoint u64 (the epoch it was learned in) | 57 |
-//! | 6 | Epoch | both | checkpoint u64, ≥ 1 and increasing per direction. From the secondary: the SVM loaded it, what the SVM sends after this belongs to its epoch. From the primary: the PVM paused for it, mirrored frames after this reached the PVM after the pause | 8 |
+//! | 6 | Epoch | both (disk: primary) | checkpoint u64, ≥ 1 and increasing per direction. From the secondary: the SVM loaded it, what the SVM sends after this belongs to its epoch. From the primary: the PVM paused for it, mirrored frames (or disk writes) after this reached the PVM after the pause | 8 |
+//! | 7 | DiskInfo | primary (disk) | disk u16 (index in the VM's configuration), size u64 | 10 |
+//! | 8 | DiskHashes | secondary (disk) | disk u16, total u64 (the encoded list's length), then the list's next bytes (not empty) | 10 + 1 MiB |
+//! | 9 | DiskWrite | primary (disk) | disk u16, offset u64, data (not empty; offset + length ≤ 2^64) | 10 + 1 MiB |
+//! | 10 | DiskZeroes | primary (disk) | disk u16, offset u64, len u64 (not 0, no wrap) | 18 |
+//! | 11 | DiskAck | secondary (disk) | writes u64: DiskWrite and DiskZeroes frames held so far, increasing | 8 |
 //!
 //! The packet limit is the largest frame a virtio-net GSO packet can be: the vnet header, an
 //! Ethernet header with two VLAN tags, a 40-byte IPv6 header and a 65 535-byte payload.
@@ -72,12 +90,20 @@ use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
-use super::compare::DEFAULT_VNET_HDR_LEN;
-use super::packet::{Addr, ConnKey, KeyDir, KeyProto, ETH_HDR_LEN, MAX_DATAGRAM, MAX_VLAN_TAGS};
 use crate::auth::{self, AuthError, Psk, SessionKey, Side, TAG_LEN};
+use crate::proxy::compare::DEFAULT_VNET_HDR_LEN;
+use crate::proxy::packet::{
+    Addr, ConnKey, KeyDir, KeyProto, ETH_HDR_LEN, MAX_DATAGRAM, MAX_VLAN_TAGS,
+};
 
 /// The `auth` purpose of the proxy channel's connection.
 pub const PURPOSE: &str = "proxy";
+/// The `auth` purpose of the disk channel's connection.
+pub const DISK_PURPOSE: &str = "disk";
+/// Most bytes of disk data in one frame: larger writes go as several.
+pub const MAX_DISK_CHUNK: usize = 1 << 20;
+/// Most bytes of a disk's region hash list in one frame.
+pub const MAX_HASH_CHUNK: usize = 1 << 20;
 /// Version of the channel's format (in each side's hello).
 pub const VERSION: u16 = 1;
 /// Bytes of a frame's header.
@@ -99,6 +125,8 @@ pub const MAX_HELLO_LEN: usize = 64;
 const IPV6_HDR_LEN: usize = 40;
 const HELLO_LEN: usize = 4;
 const EPOCH_LEN: usize = 8;
+/// Disk number and offset (or size) in front of a disk message's payload.
+const DISK_HEAD_LEN: usize = 10;
 const KEY_FIXED_LEN: usize = 8;
 /// An IPv6 key: two 16-byte addresses and two ports after the fixed part.
 const MAX_KEY_LEN: usize = KEY_FIXED_LEN + 2 * (16 + 2);
@@ -125,6 +153,25 @@ mod tests;
 
 use body::{decode_body, encode_body};
 
+/// The two channels this format carries, each over its own connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Channel {
+    /// The network proxy's: packets, ISN offsets, epochs.
+    Proxy,
+    /// Block replication's: disk sync, the primary's writes, write barriers, acks.
+    Disk,
+}
+
+impl Channel {
+    /// The `auth` purpose of its connection.
+    pub fn purpose(self) -> &'static str {
+        match self {
+            Channel::Proxy => PURPOSE,
+            Channel::Disk => DISK_PURPOSE,
+        }
+    }
+}
+
 /// The kinds of frame.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum MsgType {
@@ -138,19 +185,35 @@ pub enum MsgType {
     SvmOutput,
     /// A learned TCP sequence offset (primary → secondary).
     IsnOffset,
-    /// The SVM loaded a checkpoint (secondary → primary).
+    /// The SVM loaded a checkpoint (secondary → primary); the PVM paused for one (primary →
+    /// secondary; on the disk channel, the write barrier).
     Epoch,
+    /// A disk's size (primary → secondary, disk channel).
+    DiskInfo,
+    /// Part of the secondary's region hash list of a disk (secondary → primary).
+    DiskHashes,
+    /// Bytes the PVM wrote to a disk (primary → secondary).
+    DiskWrite,
+    /// A range of a disk the PVM zeroed or discarded (primary → secondary).
+    DiskZeroes,
+    /// How many disk writes the secondary holds (secondary → primary).
+    DiskAck,
 }
 
 impl MsgType {
     /// All types, in wire order.
-    pub const ALL: [MsgType; 6] = [
+    pub const ALL: [MsgType; 11] = [
         MsgType::Hello,
         MsgType::Bye,
         MsgType::Mirror,
         MsgType::SvmOutput,
         MsgType::IsnOffset,
         MsgType::Epoch,
+        MsgType::DiskInfo,
+        MsgType::DiskHashes,
+        MsgType::DiskWrite,
+        MsgType::DiskZeroes,
+        MsgType::DiskAck,
     ];
 
     /// The type's number on the wire.
@@ -162,6 +225,11 @@ impl MsgType {
             MsgType::SvmOutput => 4,
             MsgType::IsnOffset => 5,
             MsgType::Epoch => 6,
+            MsgType::DiskInfo => 7,
+            MsgType::DiskHashes => 8,
+            MsgType::DiskWrite => 9,
+            MsgType::DiskZeroes => 10,
+            MsgType::DiskAck => 11,
         }
     }
 
@@ -179,6 +247,11 @@ impl MsgType {
             MsgType::SvmOutput => "svm-output",
             MsgType::IsnOffset => "isn-offset",
             MsgType::Epoch => "epoch",
+            MsgType::DiskInfo => "disk-info",
+            MsgType::DiskHashes => "disk-hashes",
+            MsgType::DiskWrite => "disk-write",
+            MsgType::DiskZeroes => "disk-zeroes",
+            MsgType::DiskAck => "disk-ack",
         }
     }
 
@@ -189,7 +262,11 @@ impl MsgType {
             MsgType::Bye => MAX_BYE_REASON,
             MsgType::Mirror | MsgType::SvmOutput => MAX_PACKET_LEN,
             MsgType::IsnOffset => MAX_KEY_LEN + ISN_TAIL_LEN,
-            MsgType::Epoch => EPOCH_LEN,
+            MsgType::Epoch | MsgType::DiskAck => EPOCH_LEN,
+            MsgType::DiskInfo => DISK_HEAD_LEN,
+            MsgType::DiskHashes => DISK_HEAD_LEN + MAX_HASH_CHUNK,
+            MsgType::DiskWrite => DISK_HEAD_LEN + MAX_DISK_CHUNK,
+            MsgType::DiskZeroes => DISK_HEAD_LEN + 8,
         }
     }
 
@@ -197,8 +274,25 @@ impl MsgType {
     pub fn sender(self) -> Option<Side> {
         match self {
             MsgType::Hello | MsgType::Bye | MsgType::Epoch => None,
-            MsgType::Mirror | MsgType::IsnOffset => Some(Side::Primary),
-            MsgType::SvmOutput => Some(Side::Secondary),
+            MsgType::Mirror
+            | MsgType::IsnOffset
+            | MsgType::DiskInfo
+            | MsgType::DiskWrite
+            | MsgType::DiskZeroes => Some(Side::Primary),
+            MsgType::SvmOutput | MsgType::DiskHashes | MsgType::DiskAck => Some(Side::Secondary),
+        }
+    }
+
+    /// The only channel that carries this type, or `None` when both do.
+    pub fn channel(self) -> Option<Channel> {
+        match self {
+            MsgType::Hello | MsgType::Bye | MsgType::Epoch => None,
+            MsgType::Mirror | MsgType::SvmOutput | MsgType::IsnOffset => Some(Channel::Proxy),
+            MsgType::DiskInfo
+            | MsgType::DiskHashes
+            | MsgType::DiskWrite
+            | MsgType::DiskZeroes
+            | MsgType::DiskAck => Some(Channel::Disk),
         }
     }
 }
@@ -240,7 +334,7 @@ pub enum Message<'a> {
         key: ConnKey,
         /// The direction the guest's segments travel in.
         guest_dir: KeyDir,
-        /// The offset, as [`super::rewriter::SeqRewriter::learn`] takes it.
+        /// The offset, as [`crate::proxy::rewriter::SeqRewriter::learn`] takes it.
         offset: u32,
         /// The checkpoint epoch it was learned in (an offset of an epoch the SVM already left
         /// is stale).
@@ -252,6 +346,48 @@ pub enum Message<'a> {
     Epoch {
         /// The checkpoint's number (≥ 1, increasing).
         checkpoint: u64,
+    },
+    /// Primary → secondary: disk `disk` of the PVM has `size` bytes; the secondary answers
+    /// with its base's hash list.
+    DiskInfo {
+        /// The disk's index in the VM's configuration.
+        disk: u16,
+        /// Its size in bytes.
+        size: u64,
+    },
+    /// Secondary → primary: `chunk` of the encoded region hash list
+    /// ([`crate::block::sync::RegionHashes::encode`]) of a disk, whose whole length is `total`.
+    DiskHashes {
+        /// The disk.
+        disk: u16,
+        /// The encoded list's length.
+        total: u64,
+        /// The next bytes of it.
+        chunk: &'a [u8],
+    },
+    /// Primary → secondary: the PVM (or the initial sync) wrote `data` at `offset`.
+    DiskWrite {
+        /// The disk.
+        disk: u16,
+        /// Byte offset.
+        offset: u64,
+        /// The bytes (not empty).
+        data: &'a [u8],
+    },
+    /// Primary → secondary: `len` bytes at `offset` now read as zeroes.
+    DiskZeroes {
+        /// The disk.
+        disk: u16,
+        /// Byte offset.
+        offset: u64,
+        /// Length (not 0).
+        len: u64,
+    },
+    /// Secondary → primary: the first `writes` disk writes and zeroings of the channel are
+    /// held (applied, or queued for their checkpoint).
+    DiskAck {
+        /// Writes held, counted from the channel's start; increasing.
+        writes: u64,
     },
 }
 
@@ -273,6 +409,11 @@ impl Message<'_> {
             Message::SvmOutput { .. } => MsgType::SvmOutput,
             Message::IsnOffset { .. } => MsgType::IsnOffset,
             Message::Epoch { .. } => MsgType::Epoch,
+            Message::DiskInfo { .. } => MsgType::DiskInfo,
+            Message::DiskHashes { .. } => MsgType::DiskHashes,
+            Message::DiskWrite { .. } => MsgType::DiskWrite,
+            Message::DiskZeroes { .. } => MsgType::DiskZeroes,
+            Message::DiskAck { .. } => MsgType::DiskAck,
         }
     }
 }
@@ -328,6 +469,9 @@ pub enum WireError {
     /// A message the sender's role never sends.
     #[error("a COLO proxy {0} frame from the wrong side")]
     WrongDirection(MsgType),
+    /// A message of the other channel.
+    #[error("a COLO {0} frame on the {1:?} channel")]
+    WrongChannel(MsgType, Channel),
     /// A body or an order of messages that breaks the format.
     #[error("malformed COLO proxy frame: {0}")]
     Malformed(&'static str),
@@ -363,12 +507,24 @@ fn peer_of(side: Side) -> Side {
 struct Order {
     bye: bool,
     last_epoch: u64,
+    last_ack: u64,
 }
 
 /// Checks that `sender` may send `msg` as its frame number `seq`; updates `order`.
-fn admit(order: &mut Order, sender: Side, seq: u64, msg: &Message<'_>) -> Result<(), WireError> {
+fn admit(
+    order: &mut Order,
+    channel: Channel,
+    sender: Side,
+    seq: u64,
+    msg: &Message<'_>,
+) -> Result<(), WireError> {
     let ty = msg.ty();
-    if ty.sender().is_some_and(|s| s != sender) {
+    if ty.channel().is_some_and(|c| c != channel) {
+        return Err(WireError::WrongChannel(ty, channel));
+    }
+    if ty.sender().is_some_and(|s| s != sender)
+        || (ty == MsgType::Epoch && channel == Channel::Disk && sender != Side::Primary)
+    {
         return Err(WireError::WrongDirection(ty));
     }
     if order.bye {
@@ -391,6 +547,12 @@ fn admit(order: &mut Order, sender: Side, seq: u64, msg: &Message<'_>) -> Result
                 return Err(WireError::Malformed("epoch does not advance"));
             }
             order.last_epoch = checkpoint;
+        }
+        Message::DiskAck { writes } => {
+            if writes <= order.last_ack {
+                return Err(WireError::Malformed("disk ack does not advance"));
+            }
+            order.last_ack = writes;
         }
         _ => {}
     }
@@ -416,6 +578,7 @@ pub struct FrameWriter<W> {
     inner: W,
     key: Arc<SessionKey>,
     side: Side,
+    channel: Channel,
     seq: u64,
     order: Order,
     out: Vec<u8>,
@@ -423,12 +586,13 @@ pub struct FrameWriter<W> {
 }
 
 impl<W: Write> FrameWriter<W> {
-    /// A writer for `side`'s end of a connection authenticated with `key`.
+    /// A writer for `side`'s end of a proxy connection authenticated with `key`.
     pub fn new(inner: W, key: Arc<SessionKey>, side: Side) -> Self {
         FrameWriter {
             inner,
             key,
             side,
+            channel: Channel::Proxy,
             seq: 0,
             order: Order::default(),
             out: Vec::new(),
@@ -481,7 +645,7 @@ impl<W: Write> FrameWriter<W> {
         // The reader's own checks, so this side never sends what the peer would refuse.
         let mut order = self.order;
         let decoded = decode_body(ty, &self.out[HEADER_LEN..])?;
-        admit(&mut order, self.side, self.seq, &decoded)?;
+        admit(&mut order, self.channel, self.side, self.seq, &decoded)?;
         let next = self
             .seq
             .checked_add(1)
@@ -493,6 +657,12 @@ impl<W: Write> FrameWriter<W> {
         self.seq = next;
         self.order = order;
         Ok(())
+    }
+
+    /// The same writer on `channel`'s connection.
+    pub fn on(mut self, channel: Channel) -> Self {
+        self.channel = channel;
+        self
     }
 
     /// Frames sent so far (the next one's number).
@@ -526,6 +696,7 @@ pub struct FrameReader<R> {
     inner: R,
     key: Arc<SessionKey>,
     side: Side,
+    channel: Channel,
     seq: u64,
     order: Order,
     /// The frame being read: header, body, MAC. It keeps its size for the next frames.
@@ -547,6 +718,7 @@ impl<R: Read> FrameReader<R> {
             inner,
             key,
             side,
+            channel: Channel::Proxy,
             seq: 0,
             order: Order::default(),
             buf: vec![0; HEADER_LEN],
@@ -595,7 +767,7 @@ impl<R: Read> FrameReader<R> {
             });
         }
         let msg = decode_body(ty, body)?;
-        admit(&mut self.order, peer_of(self.side), seq, &msg)?;
+        admit(&mut self.order, self.channel, peer_of(self.side), seq, &msg)?;
         // The writer refuses to number a frame u64::MAX + 1, so this cannot wrap.
         self.seq = seq.saturating_add(1);
         self.failed = false;
@@ -655,6 +827,12 @@ impl<R: Read> FrameReader<R> {
         Ok(ty)
     }
 
+    /// The same reader on `channel`'s connection.
+    pub fn on(mut self, channel: Channel) -> Self {
+        self.channel = channel;
+        self
+    }
+
     /// Frames accepted so far (the next one's number).
     pub fn frames(&self) -> u64 {
         self.seq
@@ -688,7 +866,22 @@ pub fn handshake<S: Read + Write + ?Sized>(
     psk: &Psk,
     side: Side,
 ) -> Result<Arc<SessionKey>, WireError> {
-    Ok(Arc::new(auth::authenticate(stream, psk, side, PURPOSE)?))
+    handshake_on(stream, psk, side, Channel::Proxy)
+}
+
+/// Authenticates a fresh connection of `channel` as `side` (its purpose).
+pub fn handshake_on<S: Read + Write + ?Sized>(
+    stream: &mut S,
+    psk: &Psk,
+    side: Side,
+    channel: Channel,
+) -> Result<Arc<SessionKey>, WireError> {
+    Ok(Arc::new(auth::authenticate(
+        stream,
+        psk,
+        side,
+        channel.purpose(),
+    )?))
 }
 
 /// A reader and a writer of one authenticated connection (for a socket: it and its
@@ -699,11 +892,22 @@ pub fn open<R: Read, W: Write>(
     key: Arc<SessionKey>,
     side: Side,
 ) -> Result<(FrameReader<R>, FrameWriter<W>), WireError> {
+    open_on(reader, writer, key, side, Channel::Proxy)
+}
+
+/// [`open`] for a connection of `channel`.
+pub fn open_on<R: Read, W: Write>(
+    reader: R,
+    writer: W,
+    key: Arc<SessionKey>,
+    side: Side,
+    channel: Channel,
+) -> Result<(FrameReader<R>, FrameWriter<W>), WireError> {
     // The hello is small enough for the socket buffer: sending before reading cannot block
     // on the peer doing the same.
-    let mut writer = FrameWriter::new(writer, Arc::clone(&key), side);
+    let mut writer = FrameWriter::new(writer, Arc::clone(&key), side).on(channel);
     writer.write(&Message::hello(side))?;
-    let mut reader = FrameReader::new(reader, key, side);
+    let mut reader = FrameReader::new(reader, key, side).on(channel);
     // Frame 0 can only be a hello of the right version and role (`admit`).
     reader.read()?;
     Ok((reader, writer))

@@ -176,6 +176,26 @@ pub(super) fn encode_body(msg: &Message<'_>, out: &mut Vec<u8>) -> Result<(), Wi
             out.extend_from_slice(&checkpoint.to_le_bytes());
         }
         Message::Epoch { checkpoint } => out.extend_from_slice(&checkpoint.to_le_bytes()),
+        Message::DiskAck { writes } => out.extend_from_slice(&writes.to_le_bytes()),
+        Message::DiskInfo { disk, size } => {
+            out.extend_from_slice(&disk.to_le_bytes());
+            out.extend_from_slice(&size.to_le_bytes());
+        }
+        Message::DiskHashes { disk, total, chunk } => {
+            out.extend_from_slice(&disk.to_le_bytes());
+            out.extend_from_slice(&total.to_le_bytes());
+            out.extend_from_slice(chunk);
+        }
+        Message::DiskWrite { disk, offset, data } => {
+            out.extend_from_slice(&disk.to_le_bytes());
+            out.extend_from_slice(&offset.to_le_bytes());
+            out.extend_from_slice(data);
+        }
+        Message::DiskZeroes { disk, offset, len } => {
+            out.extend_from_slice(&disk.to_le_bytes());
+            out.extend_from_slice(&offset.to_le_bytes());
+            out.extend_from_slice(&len.to_le_bytes());
+        }
     }
     Ok(())
 }
@@ -248,6 +268,37 @@ pub(super) fn decode_body(ty: MsgType, body: &[u8]) -> Result<Message<'_>, WireE
         MsgType::Epoch => Message::Epoch {
             checkpoint: f.u64()?,
         },
+        MsgType::DiskAck => Message::DiskAck { writes: f.u64()? },
+        MsgType::DiskInfo => Message::DiskInfo {
+            disk: f.u16()?,
+            size: f.u64()?,
+        },
+        MsgType::DiskHashes => {
+            let (disk, total, chunk) = (f.u16()?, f.u64()?, f.rest());
+            if chunk.is_empty() {
+                return Err(WireError::Malformed("empty hash list chunk"));
+            }
+            Message::DiskHashes { disk, total, chunk }
+        }
+        MsgType::DiskWrite => {
+            let (disk, offset, data) = (f.u16()?, f.u64()?, f.rest());
+            if data.is_empty() {
+                return Err(WireError::Malformed("disk write without data"));
+            }
+            if offset.checked_add(data.len() as u64).is_none() {
+                return Err(WireError::Malformed("disk write past 2^64"));
+            }
+            Message::DiskWrite { disk, offset, data }
+        }
+        MsgType::DiskZeroes => {
+            let (disk, offset, len) = (f.u16()?, f.u64()?, f.u64()?);
+            if len == 0 || offset.checked_add(len).is_none() {
+                return Err(WireError::Malformed(
+                    "disk zeroes of an empty or wrapping range",
+                ));
+            }
+            Message::DiskZeroes { disk, offset, len }
+        }
     };
     if !f.bytes.is_empty() {
         return Err(WireError::Malformed("bytes after the message"));

@@ -487,8 +487,8 @@ fn too_large_is_refused_from_the_header_without_allocating() {
 fn bad_headers_are_refused_before_the_body() {
     let e = refused(Side::Primary, &[raw(Side::Primary, 0, 0, 0, &[])]);
     assert!(matches!(e, WireError::UnknownType(0)), "{e:?}");
-    let e = refused(Side::Primary, &[raw(Side::Primary, 0, 7, 0, &[])]);
-    assert!(matches!(e, WireError::UnknownType(7)), "{e:?}");
+    let e = refused(Side::Primary, &[raw(Side::Primary, 0, 12, 0, &[])]);
+    assert!(matches!(e, WireError::UnknownType(12)), "{e:?}");
     let e = refused(
         Side::Primary,
         &[raw(Side::Primary, 0, 1, 0x8000, &[1, 0, 1, 0])],
@@ -1059,4 +1059,122 @@ fn queued_frames_leave_on_flush_and_read_back_in_order() {
     for p in &outputs {
         assert_eq!(r.read().unwrap(), Message::SvmOutput { frame: p });
     }
+}
+
+/// `msgs` as `side` sends them on a disk channel (after its hello).
+fn disk_frames(side: Side, msgs: &[Message<'_>]) -> Vec<u8> {
+    let mut w = FrameWriter::new(Vec::new(), key_of(side), side).on(Channel::Disk);
+    w.write(&Message::hello(side)).unwrap();
+    for m in msgs {
+        w.write(m).unwrap();
+    }
+    w.into_inner()
+}
+
+#[test]
+fn the_disk_channel_carries_its_messages_and_refuses_the_proxys() {
+    let data = packet(MAX_DISK_CHUNK, 5);
+    let sent = [
+        Message::DiskInfo {
+            disk: 1,
+            size: 1 << 30,
+        },
+        Message::DiskWrite {
+            disk: 1,
+            offset: 4096,
+            data: &data,
+        },
+        Message::DiskZeroes {
+            disk: 0,
+            offset: 0,
+            len: 512,
+        },
+        Message::Epoch { checkpoint: 1 },
+    ];
+    let bytes = disk_frames(Side::Primary, &sent);
+    let mut r =
+        FrameReader::new(&bytes[..], key_of(Side::Secondary), Side::Secondary).on(Channel::Disk);
+    assert!(matches!(r.read().unwrap(), Message::Hello { .. }));
+    for m in &sent {
+        assert_eq!(&r.read().unwrap(), m);
+    }
+    let back = [
+        Message::DiskHashes {
+            disk: 1,
+            total: 60,
+            chunk: b"part",
+        },
+        Message::DiskAck { writes: 2 },
+        Message::DiskAck { writes: 5 },
+    ];
+    let bytes = disk_frames(Side::Secondary, &back);
+    let mut r =
+        FrameReader::new(&bytes[..], key_of(Side::Primary), Side::Primary).on(Channel::Disk);
+    r.read().unwrap();
+    for m in &back {
+        assert_eq!(&r.read().unwrap(), m);
+    }
+    // The proxy's messages are not the disk channel's, and the other way round; the writer
+    // refuses what the reader would.
+    let mut w =
+        FrameWriter::new(Vec::new(), key_of(Side::Primary), Side::Primary).on(Channel::Disk);
+    w.write(&Message::hello(Side::Primary)).unwrap();
+    let frame = packet(64, 1);
+    assert!(matches!(
+        w.write(&Message::Mirror { frame: &frame }),
+        Err(WireError::WrongChannel(MsgType::Mirror, Channel::Disk))
+    ));
+    let mut w = FrameWriter::new(Vec::new(), key_of(Side::Primary), Side::Primary);
+    w.write(&Message::hello(Side::Primary)).unwrap();
+    assert!(matches!(
+        w.write(&Message::DiskInfo { disk: 0, size: 1 }),
+        Err(WireError::WrongChannel(MsgType::DiskInfo, Channel::Proxy))
+    ));
+    // The barrier is the primary's only; acks only advance; empty writes mean nothing.
+    let mut w =
+        FrameWriter::new(Vec::new(), key_of(Side::Secondary), Side::Secondary).on(Channel::Disk);
+    w.write(&Message::hello(Side::Secondary)).unwrap();
+    assert!(matches!(
+        w.write(&Message::Epoch { checkpoint: 1 }),
+        Err(WireError::WrongDirection(MsgType::Epoch))
+    ));
+    w.write(&Message::DiskAck { writes: 3 }).unwrap();
+    assert!(matches!(
+        w.write(&Message::DiskAck { writes: 3 }),
+        Err(WireError::Malformed(_))
+    ));
+    let mut w =
+        FrameWriter::new(Vec::new(), key_of(Side::Primary), Side::Primary).on(Channel::Disk);
+    w.write(&Message::hello(Side::Primary)).unwrap();
+    for bad in [
+        Message::DiskWrite {
+            disk: 0,
+            offset: 0,
+            data: &[],
+        },
+        Message::DiskWrite {
+            disk: 0,
+            offset: u64::MAX,
+            data: b"x",
+        },
+        Message::DiskZeroes {
+            disk: 0,
+            offset: 8,
+            len: 0,
+        },
+    ] {
+        assert!(
+            matches!(w.write(&bad), Err(WireError::Malformed(_))),
+            "{bad:?}"
+        );
+    }
+    let too_big = packet(MAX_DISK_CHUNK + 1, 2);
+    assert!(matches!(
+        w.write(&Message::DiskWrite {
+            disk: 0,
+            offset: 0,
+            data: &too_big
+        }),
+        Err(WireError::TooLarge { .. })
+    ));
 }
