@@ -17,6 +17,8 @@ use migration::{
 };
 
 use crate::auth::{self, Psk};
+use crate::block::link::PrimaryDisks;
+use crate::block::mirror::Completion;
 use crate::heartbeat::{Heartbeat, LostReason};
 use crate::protection::{peer_may_be_gone, Cause, Command, FailoverSwitch, Protection};
 use crate::proxy::compare::CompareConfig;
@@ -66,6 +68,8 @@ pub struct PrimaryConfig {
     pub psk: Option<Arc<Psk>>,
     /// How long a PVM packet may wait for the SVM's before a checkpoint is asked for.
     pub compare_timeout: Duration,
+    /// When the guest's disk writes complete (see [`crate::block::mirror`]).
+    pub disk_completion: Completion,
 }
 
 /// Starts protecting `vm`: a worker thread connects, syncs and checkpoints.
@@ -97,6 +101,7 @@ pub fn start_primary(
         staging: Staging::new(ram),
         commands: tx.clone(),
         link: None,
+        disks: None,
     };
     std::thread::Builder::new()
         .name("colo-primary".into())
@@ -177,6 +182,8 @@ struct Worker {
     /// For the proxy's checkpoint requests.
     commands: MpscSender<Command>,
     link: Option<PrimaryLink>,
+    /// Block replication.
+    disks: Option<PrimaryDisks>,
 }
 
 impl Worker {
@@ -200,6 +207,11 @@ impl Worker {
         if let Some(link) = self.link.take() {
             link.failover();
             self.status.lock().proxy_ended(link.status());
+        }
+        // The disks go on alone: the mirrors leave their write slots.
+        if let Some(disks) = self.disks.take() {
+            disks.close();
+            self.status.lock().disks_ended(disks.status());
         }
         if let Some(s) = sender.as_mut() {
             s.abandon(&reason);
@@ -228,6 +240,12 @@ impl Worker {
         };
         if let Err(e) = self.connect_proxy() {
             return End::new(e, false);
+        }
+        if let Err(e) = self.connect_disks() {
+            return End::new(e, false);
+        }
+        if let Err(e) = self.sync_disks() {
+            return End::new(Failure::from(e).context("initial disk sync"), false);
         }
         if let Err(e) = self.sync(sender) {
             return End::new(e.context("initial sync"), true);
@@ -370,7 +388,7 @@ impl Worker {
             self.commands.clone(),
             proxy_broken(self.switch.clone(), self.cfg.heartbeat_timeout),
         )
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| format!("proxy channel: {e}"))?;
         let socket = link
             .socket()
             .map_err(|e| format!("proxy channel socket: {e}"))?;
@@ -380,6 +398,55 @@ impl Worker {
         let shared = link.status_source();
         self.status.lock().watch_proxy(shared);
         Ok(())
+    }
+
+    /// Opens the disk channel (after the proxy channel) and puts a mirror into every disk's
+    /// write slot.
+    fn connect_disks(&mut self) -> Result<(), String> {
+        let addr = resolve(&self.cfg.peer)?;
+        let psk = match &self.cfg.psk {
+            Some(k) => (**k).clone(),
+            None => Psk::public(),
+        };
+        let disks = PrimaryDisks::connect(
+            addr,
+            &psk,
+            IO_TIMEOUT,
+            self.vm.disks(),
+            self.cfg.disk_completion,
+            proxy_broken(self.switch.clone(), self.cfg.heartbeat_timeout),
+        )
+        .map_err(|e| format!("disk channel: {e}"))?;
+        let socket = disks
+            .socket()
+            .map_err(|e| format!("disk channel socket: {e}"))?;
+        self.switch.guard_streams(vec![Box::new(socket)]);
+        self.status.lock().watch_disks(disks.status_source());
+        self.disks = Some(disks);
+        Ok(())
+    }
+
+    /// Makes the secondary's copy of every disk equal the PVM's (only what differs crosses),
+    /// reporting progress as `disk-sync` events.
+    fn sync_disks(&self) -> Result<(), String> {
+        let Some(disks) = &self.disks else {
+            return Ok(());
+        };
+        let observer = self.observer.clone();
+        disks.sync(|disk, p| {
+            observer.event(
+                "disk-sync",
+                serde_json::json!({
+                    "disk": disk,
+                    "bytes_sent": p.bytes_sent,
+                    "bytes_total": p.bytes_total,
+                    "regions_sent": p.regions_sent,
+                    "regions_differing": p.regions_total,
+                    "regions": p.regions,
+                    "done": p.done(),
+                }),
+            );
+        })
     }
 
     /// Copies the whole VM while it runs, a few rounds of what it dirtied meanwhile, then the
@@ -445,6 +512,13 @@ impl Worker {
         if let Some(link) = &self.link {
             // PVM frames from now on belong to this checkpoint's epoch.
             if let Err(e) = link.checkpoint_started(self.seq) {
+                self.vm.resume(we_paused)?;
+                return Err(e.into());
+            }
+        }
+        if let Some(disks) = &self.disks {
+            // Every write the PVM completed is on the disk channel: the barrier follows them.
+            if let Err(e) = disks.checkpoint_started(self.seq) {
                 self.vm.resume(we_paused)?;
                 return Err(e.into());
             }

@@ -17,6 +17,8 @@ use migration::transport::{self, TransportError};
 use migration::{DirtyBitmap, Event, MemRange, Receiver, ReceiverOptions, StartInfo};
 
 use crate::auth::{self, Psk};
+use crate::block::link::{barrier_patience, DiskTarget, SecondaryDisks};
+use crate::block::LayerStore;
 use crate::heartbeat::{Heartbeat, LostReason};
 use crate::primary::{
     clone_all, proxy_broken, CHECKPOINT_PURPOSE, HEARTBEAT_PURPOSE, IO_TIMEOUT, VERDICT_SLACK,
@@ -49,6 +51,10 @@ pub struct SecondaryConfig {
     pub heartbeat_timeout: Duration,
     /// The pre-shared key every connection must authenticate with, if one was given.
     pub psk: Option<Arc<Psk>>,
+    /// Where each disk of the primary is replicated, in order.
+    pub disks: Vec<DiskTarget>,
+    /// Where the replicas' hidden and active layers live.
+    pub layers: LayerStore,
 }
 
 /// Starts waiting for a primary on `listener`.
@@ -71,6 +77,7 @@ pub fn start_secondary(
         vm: None,
         applied: 0,
         link: None,
+        disks: None,
     };
     std::thread::Builder::new()
         .name("colo-secondary".into())
@@ -129,6 +136,8 @@ struct Worker {
     applied: u64,
     /// The proxy channel of the session.
     link: Option<SecondaryLink>,
+    /// Block replication of the session.
+    disks: Option<SecondaryDisks>,
 }
 
 impl Worker {
@@ -167,6 +176,20 @@ impl Worker {
                 link.close();
             }
             self.status.lock().proxy_ended(link.status());
+        }
+        let mut reason = reason;
+        if let Some(disks) = self.disks.take() {
+            if take_over {
+                // The SVM's view of each disk becomes the base's content (it runs meanwhile:
+                // its I/O waits for each merged block).
+                if let Err(e) = disks.failover() {
+                    log::error!("COLO: {e}");
+                    reason = format!("{reason}; and the failover of the disks failed: {e}");
+                }
+            } else {
+                disks.close();
+            }
+            self.status.lock().disks_ended(disks.status());
         }
         let exit = ColoExit {
             role: Role::Secondary,
@@ -275,10 +298,24 @@ impl Worker {
             proxy_broken(self.switch.clone(), self.cfg.heartbeat_timeout),
         )
         .map_err(|e| format!("the proxy channel after {from}'s heartbeat: {e}"))?;
+        let disks = SecondaryDisks::accept(
+            listener,
+            psk.as_deref().unwrap_or(&public),
+            IO_TIMEOUT,
+            self.cfg.disks.clone(),
+            self.cfg.layers.clone(),
+            proxy_broken(self.switch.clone(), self.cfg.heartbeat_timeout),
+        )
+        .map_err(|e| format!("the disk channel after {from}'s heartbeat: {e}"))?;
         let mut clones = clone_all(&streams)?;
         clones.push(Box::new(
             link.socket()
                 .map_err(|e| format!("proxy channel socket: {e}"))?,
+        ));
+        clones.push(Box::new(
+            disks
+                .socket()
+                .map_err(|e| format!("disk channel socket: {e}"))?,
         ));
         let channels = streams.len() as u32;
         let mut receiver = Receiver::new(
@@ -303,6 +340,8 @@ impl Worker {
         self.start_heartbeat(hb)?;
         self.status.lock().watch_proxy(link.status_source());
         self.link = Some(link);
+        self.status.lock().watch_disks(disks.status_source());
+        self.disks = Some(disks);
         {
             let mut s = self.status.lock();
             s.peer = Some(format!("{} (primary {from})", self.cfg.listen));
@@ -341,8 +380,13 @@ impl Worker {
     ) -> Result<End, End> {
         let fail = End::stream;
         let regions: Vec<MemRange> = start.layout.regions().to_vec();
+        let backends = self
+            .disks
+            .as_ref()
+            .map(SecondaryDisks::backends)
+            .unwrap_or_default();
         let vm = host
-            .create_vm(&start.config_json, start.vcpus, &regions)
+            .create_vm(&start.config_json, start.vcpus, &regions, backends)
             .map_err(|e| End::broken(format!("cannot build the SVM: {e}")))?;
         self.vm = Some(vm.clone());
         if let Some(link) = &self.link {
@@ -435,6 +479,15 @@ impl Worker {
         if let Some(r) = self.switch.reason() {
             return Err(End::refused(r, true));
         }
+        // The checkpoint's disk is whole only once every write from before its pause is here.
+        if let Some(disks) = &self.disks {
+            disks
+                .wait_barrier(rec.seq, barrier_patience(IO_TIMEOUT))
+                .map_err(|e| End {
+                    peer_may_be_gone: true,
+                    ..End::refused(e, true)
+                })?;
+        }
         self.status.lock().state = ColoState::Checkpointing;
         let broken = |what: &str, e: String| End::broken(format!("{what}: {e}"));
         let t0 = Instant::now();
@@ -473,6 +526,13 @@ impl Worker {
         vm.load_state(rec.state.to_vec())
             .map_err(|e| broken("loading the checkpoint's state", e))?;
         phases.insert("load".to_string(), ms(t.elapsed()));
+        if let Some(disks) = &self.disks {
+            let t = Instant::now();
+            disks
+                .loaded(rec.seq)
+                .map_err(|e| broken("the checkpoint's disks", e))?;
+            phases.insert("disks".to_string(), ms(t.elapsed()));
+        }
         self.applied += 1;
         if let Some(link) = &self.link {
             // A broken channel ends protection by itself (its on_broken); the load stands.

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use crate::block::link::DisksStatus;
 use crate::proxy::link::ProxyStatus;
 use crate::record::Reason;
 
@@ -152,7 +153,11 @@ pub struct ColoStatus {
     /// The network proxy, once its channel is up.
     pub proxy: Option<ProxyStatus>,
     #[serde(skip)]
-    proxy_source: Option<ProxySource>,
+    proxy_source: Option<Live<ProxyStatus>>,
+    /// Block replication, once its channel is up.
+    pub disks: Option<DisksStatus>,
+    #[serde(skip)]
+    disks_source: Option<Live<DisksStatus>>,
     #[serde(skip)]
     pauses: VecDeque<f64>,
     #[serde(skip)]
@@ -193,6 +198,8 @@ impl ColoStatus {
             protected_ms: None,
             proxy: None,
             proxy_source: None,
+            disks: None,
+            disks_source: None,
             pauses: VecDeque::new(),
             totals: Totals::default(),
             protected_since: None,
@@ -207,13 +214,24 @@ impl ColoStatus {
 
     /// Reports the proxy's live counters from now on.
     pub fn watch_proxy(&mut self, source: Arc<dyn Fn() -> ProxyStatus + Send + Sync>) {
-        self.proxy_source = Some(ProxySource(source));
+        self.proxy_source = Some(Live(source));
     }
 
     /// Keeps `last` as the proxy's final counters (its channel has closed).
     pub fn proxy_ended(&mut self, last: ProxyStatus) {
         self.proxy_source = None;
         self.proxy = Some(last);
+    }
+
+    /// Reports block replication's live counters from now on.
+    pub fn watch_disks(&mut self, source: Arc<dyn Fn() -> DisksStatus + Send + Sync>) {
+        self.disks_source = Some(Live(source));
+    }
+
+    /// Keeps `last` as block replication's final counters (its channel has closed).
+    pub fn disks_ended(&mut self, last: DisksStatus) {
+        self.disks_source = None;
+        self.disks = Some(last);
     }
 
     /// Records a complete checkpoint and its pause.
@@ -254,21 +272,29 @@ impl ColoStatus {
         if let Some(src) = &self.proxy_source {
             s.proxy = Some((src.0)());
         }
+        if let Some(src) = &self.disks_source {
+            s.disks = Some((src.0)());
+        }
         s
     }
 }
 
-/// Where the live proxy counters come from (a closure into the proxy's link).
-#[derive(Clone)]
-struct ProxySource(Arc<dyn Fn() -> ProxyStatus + Send + Sync>);
+/// Where live counters come from (a closure into the proxy's or the disks' link).
+struct Live<T>(Arc<dyn Fn() -> T + Send + Sync>);
 
-impl std::fmt::Debug for ProxySource {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("ProxySource")
+impl<T> Clone for Live<T> {
+    fn clone(&self) -> Self {
+        Live(self.0.clone())
     }
 }
 
-impl PartialEq for ProxySource {
+impl<T> std::fmt::Debug for Live<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Live")
+    }
+}
+
+impl<T> PartialEq for Live<T> {
     fn eq(&self, other: &Self) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
     }

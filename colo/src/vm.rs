@@ -2,6 +2,7 @@
 //! state format: it moves pages, and hands the saved state (the VM's `Stateful` snapshot,
 //! opaque bytes here) from one side's `save_state` to the other side's `load_state`.
 
+use devices::virtio::block::{BlockBackend, WriteSlot};
 use devices::virtio::net::FilterSlot;
 use migration::{DirtyBitmap, GuestMemoryReader, MemRange};
 
@@ -14,6 +15,19 @@ pub struct ProtectedNic {
     pub mac: [u8; 6],
     /// The filter slot of its chain (and its injector).
     pub slot: FilterSlot,
+}
+
+/// A disk of a protected VM: where block replication joins its write path.
+#[derive(Clone, Debug)]
+pub struct ProtectedDisk {
+    /// Its id (for the status and logs).
+    pub id: String,
+    /// Its image, which the initial sync reads through a handle of its own.
+    pub path: std::path::PathBuf,
+    /// Its size in bytes.
+    pub size: u64,
+    /// The write slot of its backend.
+    pub slot: WriteSlot,
 }
 
 /// A VM protected by COLO (the PVM on the primary, the SVM on the secondary).
@@ -45,17 +59,23 @@ pub trait ProtectedVm: Send + Sync {
     fn nics(&self) -> Vec<ProtectedNic> {
         Vec::new()
     }
+    /// The VM's disks, in configuration order (the primary's are replicated).
+    fn disks(&self) -> Vec<ProtectedDisk> {
+        Vec::new()
+    }
 }
 
 /// Builds the SVM on the secondary when the primary's first message arrives.
 pub trait SecondaryHost: Send {
     /// A VM for the primary's configuration (`config_json`, as the VMM serializes it), with
-    /// memory laid out as `regions`, not running yet.
+    /// memory laid out as `regions`, not running yet; its disks, in configuration order, are
+    /// `disks` (the replicas block replication keeps).
     fn create_vm(
         &mut self,
         config_json: &str,
         vcpus: u32,
         regions: &[MemRange],
+        disks: Vec<Box<dyn BlockBackend>>,
     ) -> Result<std::sync::Arc<dyn ProtectedVm>, String>;
 }
 

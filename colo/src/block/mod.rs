@@ -31,6 +31,7 @@ mod codec;
 mod handle;
 mod journal;
 pub mod layer;
+pub mod link;
 pub mod mirror;
 pub mod order;
 pub mod replica;

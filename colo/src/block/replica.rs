@@ -157,7 +157,7 @@ pub enum ReplicaState {
 }
 
 /// Counters for the status.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 pub struct ReplicaStats {
     /// Blocks in the hidden layer.
     pub hidden_blocks: u64,

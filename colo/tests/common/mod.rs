@@ -131,6 +131,8 @@ pub struct MockVm {
     memory: MockMemory,
     ctl: Mutex<Ctl>,
     nic: Mutex<Option<Arc<MockNic>>>,
+    /// The disks block replication sees (the PVM's, from [`PRIMARY_DISKS`]).
+    pub disks: Vec<colo::vm::ProtectedDisk>,
 }
 
 /// A NIC of a mock VM: the filter chain a virtio-net worker would run, driven by the test —
@@ -204,6 +206,11 @@ impl MockVm {
                 ..Ctl::default()
             }),
             nic: Mutex::new(None),
+            disks: if name == "pvm" {
+                PRIMARY_DISKS.with(|d| d.borrow().clone())
+            } else {
+                Vec::new()
+            },
         })
     }
 
@@ -423,6 +430,10 @@ impl ProtectedVm for MockVm {
             .map(|n| vec![n.protected.clone()])
             .unwrap_or_default()
     }
+
+    fn disks(&self) -> Vec<colo::vm::ProtectedDisk> {
+        self.disks.clone()
+    }
 }
 
 /// A guest: writes `per_tick` random pages every millisecond while the VM runs.
@@ -483,6 +494,8 @@ pub struct HostShared {
     pub hold_cv: Condvar,
     /// Set once create_vm is waiting on `hold`.
     pub holding: AtomicBool,
+    /// The disks create_vm got (the replicas' handles).
+    pub svm_disks: Mutex<Vec<Box<dyn devices::virtio::block::BlockBackend>>>,
 }
 
 impl HostShared {
@@ -518,8 +531,10 @@ impl SecondaryHost for MockHost {
         config_json: &str,
         vcpus: u32,
         regions: &[MemRange],
+        disks: Vec<Box<dyn devices::virtio::block::BlockBackend>>,
     ) -> Result<Arc<dyn ProtectedVm>, String> {
         self.shared.calls.fetch_add(1, Ordering::SeqCst);
+        *lock(&self.shared.svm_disks) = disks;
         let mut errors = Vec::new();
         if config_json != self.expected_config {
             errors.push(format!(
@@ -1078,6 +1093,12 @@ thread_local! {
     /// The key the next secondary started on this thread expects (none: no key).
     pub static SECONDARY_PSK: std::cell::RefCell<Option<Arc<colo::auth::Psk>>> =
         const { std::cell::RefCell::new(None) };
+    /// The bases the next secondary started on this thread replicates disks into.
+    pub static SECONDARY_DISKS: std::cell::RefCell<Vec<colo::block::link::DiskTarget>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+    /// The disks of the next PVM made on this thread.
+    pub static PRIMARY_DISKS: std::cell::RefCell<Vec<colo::vm::ProtectedDisk>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// A secondary listening on a free loopback port, expecting `config`.
@@ -1094,6 +1115,8 @@ pub fn start_secondary_side(config: &str, svm_mutates: bool, hold: bool) -> Seco
             heartbeat_interval: HB_INTERVAL,
             heartbeat_timeout: HB_TIMEOUT,
             psk: SECONDARY_PSK.with(|k| k.borrow().clone()),
+            disks: SECONDARY_DISKS.with(|d| d.borrow().clone()),
+            layers: colo::block::LayerStore::Memory,
         },
         Box::new(MockHost {
             expected_config: config.into(),
@@ -1150,6 +1173,7 @@ pub fn start_primary_side(
             vcpus: 2,
             psk: PRIMARY_PSK.with(|k| k.borrow().clone()),
             compare_timeout: std::time::Duration::from_secs(3),
+            disk_completion: colo::block::mirror::Completion::Replicated,
         },
         obs.clone(),
     )

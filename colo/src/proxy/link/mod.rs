@@ -32,6 +32,7 @@ use super::packet::{ConnKey, KeyDir};
 use super::session::{PrimaryCounters, SecondaryCounters};
 use super::wire::{self, FrameReader, FrameWriter, Message, WireError};
 use crate::auth::{Psk, Side};
+use crate::wire::Channel;
 
 /// Frames waiting for the writer, at most: beyond, mirrored and SVM frames are dropped (and
 /// counted) rather than stalling a NIC; TCP resends them, the compare notices.
@@ -41,20 +42,21 @@ pub const BACKLOG_LEN: usize = 16_384;
 /// How often the reader and the writer look at the closed flag; the ticker's period.
 const POLL: Duration = Duration::from_millis(20);
 
-/// Errors setting up the proxy channel.
+/// Errors setting up a data channel (the proxy's, or the disk channel through
+/// [`crate::block::link`]); the caller says which channel.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
     /// Connecting, accepting or configuring the socket failed.
-    #[error("proxy channel: {0}")]
+    #[error("{0}")]
     Io(#[from] std::io::Error),
     /// The handshake or the hellos failed.
-    #[error("proxy channel: {0}")]
+    #[error("{0}")]
     Wire(#[from] WireError),
     /// No connection came.
-    #[error("proxy channel: the primary did not connect within {0:?}")]
+    #[error("the primary did not connect within {0:?}")]
     NoPeer(Duration),
     /// A thread could not be started.
-    #[error("proxy channel: cannot start a thread: {0}")]
+    #[error("cannot start a thread: {0}")]
     Thread(std::io::Error),
     /// The VM has more NICs than the proxy handles.
     #[error("COLO protects at most one NIC; this VM has {0}")]
@@ -99,10 +101,10 @@ pub struct ProxyStatus {
     pub link: LinkCounters,
 }
 
-/// Counters the threads share.
+/// Counters the threads share (the disk channel's too, whose NIC counters stay 0).
 #[derive(Default)]
-struct LinkStats {
-    sent: AtomicU64,
+pub(crate) struct LinkStats {
+    pub(crate) sent: AtomicU64,
     received: AtomicU64,
     outbox_dropped: AtomicU64,
     inject_dropped: AtomicU64,
@@ -110,7 +112,7 @@ struct LinkStats {
 }
 
 impl LinkStats {
-    fn counters(&self, backlog: usize) -> LinkCounters {
+    pub(crate) fn counters(&self, backlog: usize) -> LinkCounters {
         LinkCounters {
             frames_sent: self.sent.load(Ordering::Relaxed),
             frames_received: self.received.load(Ordering::Relaxed),
@@ -235,22 +237,23 @@ impl Backlog {
     }
 }
 
-/// Called once if the channel breaks while open (not after [`Channel::close`]).
+/// Called once if the channel breaks while open (not after [`Conn::close`]).
 pub type OnBroken = Arc<dyn Fn(String) + Send + Sync>;
 
-/// One side's connection: the socket (to shut it down) and the threads' common flags.
-struct Channel {
+/// One side's connection of a data channel: the socket (to shut it down) and the threads'
+/// common flags.
+pub(crate) struct Conn {
     stream: TcpStream,
     closed: AtomicBool,
     broke: AtomicBool,
-    stats: Arc<LinkStats>,
+    pub(crate) stats: Arc<LinkStats>,
     on_broken: OnBroken,
 }
 
-impl Channel {
+impl Conn {
     /// A channel over `stream`, with fresh counters.
-    fn new(stream: TcpStream, on_broken: OnBroken) -> Arc<Channel> {
-        Arc::new(Channel {
+    pub(crate) fn new(stream: TcpStream, on_broken: OnBroken) -> Arc<Conn> {
+        Arc::new(Conn {
             stream,
             closed: AtomicBool::new(false),
             broke: AtomicBool::new(false),
@@ -260,7 +263,7 @@ impl Channel {
     }
 
     /// Marks the channel broken once, unless it was closed on purpose.
-    fn broken(&self, why: String) {
+    pub(crate) fn broken(&self, why: String) {
         if self.closed.load(Ordering::Acquire) || self.broke.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -274,39 +277,60 @@ impl Channel {
     }
 
     /// Stops the threads: reads and writes fail at once.
-    fn close(&self) {
+    pub(crate) fn close(&self) {
         self.closed.store(true, Ordering::Release);
         let _ = self.stream.shutdown(Shutdown::Both);
     }
 
-    fn is_closed(&self) -> bool {
+    pub(crate) fn is_closed(&self) -> bool {
         self.closed.load(Ordering::Acquire)
+    }
+
+    /// A second handle on the socket (for the failover switch to shut down).
+    pub(crate) fn socket(&self) -> std::io::Result<TcpStream> {
+        self.stream.try_clone()
+    }
+
+    /// Whether the channel broke or was closed: nothing more will cross it.
+    pub(crate) fn is_down(&self) -> bool {
+        self.is_closed() || self.broke.load(Ordering::Acquire)
     }
 }
 
 /// An authenticated connection past the hellos.
-struct Opened {
-    reader: FrameReader<BufReader<TcpStream>>,
-    writer: FrameWriter<BufWriter<TcpStream>>,
-    stream: TcpStream,
+pub(crate) struct Opened {
+    pub(crate) reader: FrameReader<BufReader<TcpStream>>,
+    pub(crate) writer: FrameWriter<BufWriter<TcpStream>>,
+    pub(crate) stream: TcpStream,
 }
 
 /// Bytes each side buffers per direction: a burst of frames leaves in a few writes and
 /// arrives in a few reads.
 const STREAM_BUFFER: usize = 256 << 10;
 
-/// Connects to the secondary's listener and authenticates as the primary.
-fn connect(addr: SocketAddr, psk: &Psk, timeout: Duration) -> Result<Opened, LinkError> {
+/// Connects to the secondary's listener and authenticates as the primary on `channel`.
+pub(crate) fn connect(
+    addr: SocketAddr,
+    psk: &Psk,
+    timeout: Duration,
+    channel: Channel,
+) -> Result<Opened, LinkError> {
     let stream = TcpStream::connect_timeout(&addr, timeout)?;
-    open(stream, psk, Side::Primary, timeout)
+    open(stream, psk, Side::Primary, timeout, channel)
 }
 
-/// Takes the primary's proxy connection from `listener` (the next one within `timeout`).
-fn accept(listener: &TcpListener, psk: &Psk, timeout: Duration) -> Result<Opened, LinkError> {
+/// Takes the primary's connection of `channel` from `listener` (the next one within
+/// `timeout`).
+pub(crate) fn accept(
+    listener: &TcpListener,
+    psk: &Psk,
+    timeout: Duration,
+    channel: Channel,
+) -> Result<Opened, LinkError> {
     migration::transport::wait_for_connection(listener.as_raw_fd(), timeout)
         .map_err(|_| LinkError::NoPeer(timeout))?;
     let (stream, _) = listener.accept()?;
-    open(stream, psk, Side::Secondary, timeout)
+    open(stream, psk, Side::Secondary, timeout, channel)
 }
 
 fn open(
@@ -314,16 +338,18 @@ fn open(
     psk: &Psk,
     side: Side,
     timeout: Duration,
+    channel: Channel,
 ) -> Result<Opened, LinkError> {
     stream.set_nodelay(true)?;
     stream.set_read_timeout(Some(timeout))?;
     stream.set_write_timeout(Some(timeout))?;
-    let key = wire::handshake(&mut stream, psk, side)?;
-    let (reader, writer) = wire::open(
+    let key = wire::handshake_on(&mut stream, psk, side, channel)?;
+    let (reader, writer) = wire::open_on(
         BufReader::with_capacity(STREAM_BUFFER, stream.try_clone()?),
         BufWriter::with_capacity(STREAM_BUFFER, stream.try_clone()?),
         key,
         side,
+        channel,
     )?;
     // From now on reads poll the closed flag; writes keep their bound.
     stream.set_read_timeout(Some(POLL * 10))?;
@@ -339,7 +365,7 @@ fn open(
 fn spawn_writer(
     name: &str,
     mut writer: FrameWriter<BufWriter<TcpStream>>,
-    chan: Arc<Channel>,
+    chan: Arc<Conn>,
 ) -> Result<(Outbox, JoinHandle<()>), LinkError> {
     let (tx, rx): (SyncSender<Outgoing>, Receiver<Outgoing>) = sync_channel(OUTBOX_LEN);
     let outbox = Outbox {
@@ -398,10 +424,10 @@ fn send(writer: &mut FrameWriter<BufWriter<TcpStream>>, o: &Outgoing) -> Result<
 
 /// Starts the reader thread: `handle` gets every frame after the hellos; a `Bye` or an error
 /// ends it.
-fn spawn_reader(
+pub(crate) fn spawn_reader(
     name: &str,
     mut reader: FrameReader<BufReader<TcpStream>>,
-    chan: Arc<Channel>,
+    chan: Arc<Conn>,
     mut handle: impl FnMut(Message<'_>) -> Result<(), String> + Send + 'static,
 ) -> Result<JoinHandle<()>, LinkError> {
     std::thread::Builder::new()
@@ -432,7 +458,7 @@ fn spawn_reader(
 /// Starts the ticker thread: `tick` runs every [`POLL`] until the channel closes.
 fn spawn_ticker(
     name: &str,
-    chan: Arc<Channel>,
+    chan: Arc<Conn>,
     mut tick: impl FnMut() + Send + 'static,
 ) -> Result<JoinHandle<()>, LinkError> {
     std::thread::Builder::new()
@@ -448,12 +474,12 @@ fn spawn_ticker(
 
 /// A side's channel and the threads serving it.
 struct Threads {
-    chan: Arc<Channel>,
+    chan: Arc<Conn>,
     handles: Mutex<Vec<JoinHandle<()>>>,
 }
 
 impl Threads {
-    fn new(chan: Arc<Channel>) -> Self {
+    fn new(chan: Arc<Conn>) -> Self {
         Threads {
             chan,
             handles: Mutex::new(Vec::new()),

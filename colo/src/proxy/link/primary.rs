@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use devices::virtio::net::{Direction, Injector, Packet, PacketFilter, Verdict};
 
 use super::{
-    connect, spawn_reader, spawn_ticker, spawn_writer, Backlog, Channel, LinkError, LinkStats,
+    connect, spawn_reader, spawn_ticker, spawn_writer, Backlog, Conn, LinkError, LinkStats,
     OnBroken, Outbox, Outgoing, ProxyStatus, Threads,
 };
 use crate::auth::Psk;
@@ -98,8 +98,8 @@ impl PrimaryLink {
         commands: MpscSender<Command>,
         on_broken: OnBroken,
     ) -> Result<PrimaryLink, LinkError> {
-        let opened = connect(addr, psk, timeout)?;
-        let chan = Channel::new(opened.stream, on_broken);
+        let opened = connect(addr, psk, timeout, crate::wire::Channel::Proxy)?;
+        let chan = Conn::new(opened.stream, on_broken);
         let stats = chan.stats.clone();
         let threads = Threads::new(chan.clone());
         let (outbox, writer) = spawn_writer("colo-proxy-tx", opened.writer, chan.clone())?;

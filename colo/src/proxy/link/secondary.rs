@@ -8,7 +8,7 @@ use std::time::Duration;
 use devices::virtio::net::{Direction, Injector, Packet, PacketFilter, Verdict};
 
 use super::{
-    accept, spawn_reader, spawn_ticker, spawn_writer, Backlog, Channel, LinkError, LinkStats,
+    accept, spawn_reader, spawn_ticker, spawn_writer, Backlog, Conn, LinkError, LinkStats,
     OnBroken, Outbox, Outgoing, ProxyStatus, Threads,
 };
 use crate::auth::Psk;
@@ -54,8 +54,8 @@ impl SecondaryLink {
         timeout: Duration,
         on_broken: OnBroken,
     ) -> Result<SecondaryLink, LinkError> {
-        let opened = accept(listener, psk, timeout)?;
-        let chan = Channel::new(opened.stream, on_broken);
+        let opened = accept(listener, psk, timeout, crate::wire::Channel::Proxy)?;
+        let chan = Conn::new(opened.stream, on_broken);
         let stats = chan.stats.clone();
         let threads = Threads::new(chan.clone());
         let (outbox, writer) = spawn_writer("colo-proxy-tx", opened.writer, chan.clone())?;
