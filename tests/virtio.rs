@@ -7,31 +7,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use integration_tests::netns::{wait_for_ping, TestNet, GUEST_IP};
-use integration_tests::{colovmm_bin, testguest, Console, Scratch};
+use integration_tests::{colovmm_bin, disk_record as record, testguest, Console, Scratch};
 
 const BOOT: Duration = Duration::from_secs(20);
-
-// The guest's disk record (guest/README.md "Disk record format"), rebuilt here independently.
-const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
-const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
-
-fn record(seq: u64, index: u64) -> Vec<u8> {
-    let mut r = vec![0u8; 512];
-    r[0..8].copy_from_slice(b"CLVMREC1");
-    r[8..16].copy_from_slice(&seq.to_le_bytes());
-    r[16..24].copy_from_slice(&index.to_le_bytes());
-    for k in 0..60u64 {
-        let w = seq.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
-            ^ k.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        let at = 24 + 8 * k as usize;
-        r[at..at + 8].copy_from_slice(&w.to_le_bytes());
-    }
-    let sum = r[..504].iter().fold(FNV_OFFSET, |h, &b| {
-        (h ^ u64::from(b)).wrapping_mul(FNV_PRIME)
-    });
-    r[504..].copy_from_slice(&sum.to_le_bytes());
-    r
-}
 
 fn boot_with_disks(a: &Path, b: &Path) -> Console {
     let mut vm = Console::colovmm(&[

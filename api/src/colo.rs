@@ -10,6 +10,8 @@
 //!   (default 1000) and at least twice the heartbeat interval (defaults included).
 //! - `key_file`, when given, is a non-empty path: the pre-shared key both sides authenticate
 //!   every connection with (the file itself is read and checked when COLO starts).
+//! - `compare_timeout_ms` 10..=600000 and `disk_completion` are the primary's only;
+//!   `disk_layers` (a non-empty directory path) is the secondary's only.
 
 use std::fmt;
 use std::ops::RangeInclusive;
@@ -56,6 +58,8 @@ const KEYS: &[(&str, &str)] = &[
     ("heartbeat-timeout", "heartbeat_timeout_ms"),
     ("key-file", "key_file"),
     ("compare-timeout", "compare_timeout_ms"),
+    ("disk-completion", "disk_completion"),
+    ("disk-layers", "disk_layers"),
 ];
 const CLI_KEYS: &[&str] = &[
     "role",
@@ -67,7 +71,21 @@ const CLI_KEYS: &[&str] = &[
     "heartbeat-timeout",
     "key-file",
     "compare-timeout",
+    "disk-completion",
+    "disk-layers",
 ];
+
+/// When a protected VM's disk write completes (primary).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DiskCompletion {
+    /// Once the secondary holds the write too (the default).
+    #[default]
+    Replicated,
+    /// Once the primary's image holds it: lower latency; the writes still in flight when a
+    /// checkpoint pauses make that checkpoint wait for them.
+    Local,
+}
 
 /// Which side of a COLO pair this VMM is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -127,6 +145,13 @@ pub struct ColoConfig {
     /// is taken, in ms (default 3000).
     #[serde(default)]
     pub compare_timeout_ms: Option<u64>,
+    /// Primary only: when the guest's disk writes complete (default replicated).
+    #[serde(default)]
+    pub disk_completion: Option<DiskCompletion>,
+    /// Secondary only: a directory for the replicas' hidden and active layers (sparse
+    /// files); unset keeps them in memory.
+    #[serde(default)]
+    pub disk_layers: Option<String>,
 }
 
 impl ColoConfig {
@@ -183,6 +208,19 @@ impl ColoConfig {
             heartbeat_timeout_ms: ms("heartbeat-timeout")?,
             key_file: kv.get("key-file").cloned(),
             compare_timeout_ms: ms("compare-timeout")?,
+            disk_completion: match kv.get("disk-completion").map(String::as_str) {
+                None => None,
+                Some("replicated") => Some(DiskCompletion::Replicated),
+                Some("local") => Some(DiskCompletion::Local),
+                Some(other) => {
+                    return Err(invalid(
+                        "disk-completion",
+                        other,
+                        "expected replicated or local",
+                    ))
+                }
+            },
+            disk_layers: kv.get("disk-layers").cloned(),
         };
         config.validate().map_err(|e| config.cli_error(e))?;
         Ok(config)
@@ -208,6 +246,12 @@ impl ColoConfig {
                     self.compare_timeout_ms,
                     &COMPARE_TIMEOUT_MS,
                 )?;
+                if self.disk_layers.is_some() {
+                    return Err(ValidationError::Field {
+                        field: "disk_layers",
+                        why: "not allowed with role primary: the secondary keeps the layers".into(),
+                    });
+                }
             }
             ColoRole::Secondary => {
                 if self.peer.is_some() {
@@ -221,6 +265,19 @@ impl ColoConfig {
                     return Err(ValidationError::Field {
                         field: "compare_timeout_ms",
                         why: "not allowed with role secondary: the primary compares".into(),
+                    });
+                }
+                if self.disk_completion.is_some() {
+                    return Err(ValidationError::Field {
+                        field: "disk_completion",
+                        why: "not allowed with role secondary: the primary's writes complete"
+                            .into(),
+                    });
+                }
+                if self.disk_layers.as_deref().is_some_and(str::is_empty) {
+                    return Err(ValidationError::Field {
+                        field: "disk_layers",
+                        why: "must be a directory path".into(),
                     });
                 }
                 check_address(
@@ -335,6 +392,14 @@ impl ColoConfig {
             "heartbeat_timeout_ms" => n(self.heartbeat_timeout_ms),
             "key_file" => self.key_file.clone(),
             "compare_timeout_ms" => n(self.compare_timeout_ms),
+            "disk_completion" => self.disk_completion.map(|c| {
+                match c {
+                    DiskCompletion::Replicated => "replicated",
+                    DiskCompletion::Local => "local",
+                }
+                .to_string()
+            }),
+            "disk_layers" => self.disk_layers.clone(),
             _ => Some(self.role.to_string()),
         }
     }
@@ -461,6 +526,8 @@ mod tests {
             heartbeat_timeout_ms: None,
             key_file: None,
             compare_timeout_ms: None,
+            disk_completion: None,
+            disk_layers: None,
         }
     }
 
@@ -483,6 +550,8 @@ mod tests {
                 heartbeat_timeout_ms: Some(1000),
                 key_file: None,
                 compare_timeout_ms: None,
+                disk_completion: None,
+                disk_layers: None,
             }
         );
         assert_eq!(c.checkpoint_interval(), Duration::from_millis(600));
@@ -514,9 +583,12 @@ mod tests {
             "role=secondary,listen=[::]:9000,channels=16,checkpoint-interval=10",
             "role=secondary,listen=h:1,heartbeat-interval=10000,heartbeat-timeout=60000",
             "role=secondary,listen=h:1,heartbeat-interval=25,heartbeat-timeout=50",
+            "role=secondary,listen=h:1,disk-layers=/dev/shm/colo",
         ] {
             assert!(ColoConfig::parse(ok).is_ok(), "{ok}");
         }
+        let c = ColoConfig::parse("role=primary,peer=h:1,disk-completion=local").unwrap();
+        assert_eq!(c.disk_completion, Some(DiskCompletion::Local));
     }
 
     #[test]
@@ -532,6 +604,9 @@ mod tests {
             ("role=primary,peer", "'peer' is not key=value"),
             ("role=primary", "--colo: missing peer: required with role primary"),
             ("role=secondary", "missing listen: required with role secondary"),
+            ("role=primary,peer=h:1,disk-completion=later", "invalid disk-completion 'later'"),
+            ("role=primary,peer=h:1,disk-layers=/tmp", "disk-layers"),
+            ("role=secondary,listen=h:1,disk-completion=local", "disk-completion"),
             ("role=primary,peer=h:1,listen=h:2", "invalid listen 'h:2': not allowed with role primary"),
             ("role=secondary,listen=h:1,peer=h:2", "invalid peer 'h:2': not allowed with role secondary"),
             ("role=primary,peer=h", "invalid peer 'h': expected HOST:PORT; the :PORT is missing"),

@@ -20,7 +20,9 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use vmm_sys_util::eventfd::EventFd;
 
-pub use colo::{ColoCheckpointData, ColoConfig, ColoRole, ColoSetData, MemoryChecksum};
+pub use colo::{
+    ColoCheckpointData, ColoConfig, ColoRole, ColoSetData, DiskCompletion, MemoryChecksum,
+};
 pub use config::VmConfig;
 pub use events::{EventMonitor, EventMonitorConfig, EventMonitorError};
 pub use http::{

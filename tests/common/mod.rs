@@ -302,3 +302,31 @@ pub fn count_of(line: &str) -> u64 {
         .parse()
         .unwrap_or_else(|_| panic!("not a count line: {line:?}"))
 }
+
+// The guest's disk record (guest/README.md "Disk record log"), rebuilt here independently.
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// FNV-1a 64 of `bytes`, as the guest's `disk hash` computes it over a device.
+pub fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(FNV_OFFSET, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(FNV_PRIME)
+    })
+}
+
+/// The 512-byte record `disk write <seq>` puts at log position `index` (sector 1 + index).
+pub fn disk_record(seq: u64, index: u64) -> Vec<u8> {
+    let mut r = vec![0u8; 512];
+    r[0..8].copy_from_slice(b"CLVMREC1");
+    r[8..16].copy_from_slice(&seq.to_le_bytes());
+    r[16..24].copy_from_slice(&index.to_le_bytes());
+    for k in 0..60u64 {
+        let w = seq.wrapping_add(1).wrapping_mul(0x9e37_79b9_7f4a_7c15)
+            ^ k.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        let at = 24 + 8 * k as usize;
+        r[at..at + 8].copy_from_slice(&w.to_le_bytes());
+    }
+    let sum = fnv1a(&r[..504]);
+    r[504..].copy_from_slice(&sum.to_le_bytes());
+    r
+}

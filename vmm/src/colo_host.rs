@@ -6,6 +6,7 @@ use std::sync::mpsc::SyncSender;
 use std::sync::Arc;
 
 use colo::{ColoExit, Observer, ProtectedVm, SecondaryHost};
+use devices::virtio::block::BlockBackend;
 use migration::{DirtyBitmap, GuestMemoryReader, MemRange};
 use vm_memory::{GuestAddress, GuestMemoryBackend, GuestMemoryRegion};
 
@@ -24,8 +25,13 @@ pub enum ColoRequest {
     Load(Vec<u8>, SyncSender<Result<(), String>>),
     /// End the checkpoint's hold; run the VM if the flag says so.
     Resume(bool, SyncSender<Result<(), String>>),
-    /// Secondary: build the SVM for the primary's configuration (not running yet).
-    CreateVm(Box<VmConfig>, SyncSender<Result<VmParts, String>>),
+    /// Secondary: build the SVM for the primary's configuration (not running yet), on these
+    /// disk backends (the replicas).
+    CreateVm(
+        Box<VmConfig>,
+        Vec<Box<dyn BlockBackend>>,
+        SyncSender<Result<VmParts, String>>,
+    ),
     /// Protection ended.
     Exited(ColoExit),
 }
@@ -41,6 +47,8 @@ pub struct VmParts {
     pub regions: Vec<MemRange>,
     /// The NICs (for the proxy).
     pub nics: Vec<colo::vm::ProtectedNic>,
+    /// The disks (for block replication).
+    pub disks: Vec<colo::vm::ProtectedDisk>,
 }
 
 /// A VM of this VMM, as COLO reaches it.
@@ -109,6 +117,10 @@ impl ProtectedVm for ColoVm {
     fn nics(&self) -> Vec<colo::vm::ProtectedNic> {
         self.parts.nics.clone()
     }
+
+    fn disks(&self) -> Vec<colo::vm::ProtectedDisk> {
+        self.parts.disks.clone()
+    }
 }
 
 /// Copies `data` into guest RAM at `gpa` bypassing vm-memory's dirty bitmap: the secondary's
@@ -142,6 +154,7 @@ impl SecondaryHost for ColoSecondaryHost {
         config_json: &str,
         vcpus: u32,
         regions: &[MemRange],
+        disks: Vec<Box<dyn BlockBackend>>,
     ) -> Result<Arc<dyn ProtectedVm>, String> {
         let config: VmConfig = serde_json::from_str(config_json)
             .map_err(|e| format!("the primary's VM configuration does not parse: {e}"))?;
@@ -151,7 +164,7 @@ impl SecondaryHost for ColoSecondaryHost {
         }
         let parts = self
             .link
-            .ask(|tx| WorkerRequest::Colo(ColoRequest::CreateVm(Box::new(config), tx)))?;
+            .ask(|tx| WorkerRequest::Colo(ColoRequest::CreateVm(Box::new(config), disks, tx)))?;
         if parts.regions != regions {
             return Err("the primary's memory layout differs from the SVM built here".into());
         }
@@ -193,6 +206,7 @@ pub fn parts_of(vm: &crate::vm::Vm) -> VmParts {
             .map(|r| MemRange::new(r.gpa, r.len))
             .collect(),
         nics: vm.virtio().nics(),
+        disks: vm.virtio().disks(),
     }
 }
 

@@ -41,6 +41,8 @@ pub struct Vmm {
     pub(crate) local_serial: Option<crate::config::SerialConfig>,
     /// A COLO secondary's own taps for the SVM (`--net`).
     pub(crate) local_nets: Vec<crate::config::NetConfig>,
+    /// The secondary's copies of the primary's disks (`--disk`), for the SVM.
+    pub(crate) local_disks: Vec<crate::config::DiskConfig>,
     /// A COLO checkpoint holds the VM (between its pause and its resume).
     pub(crate) colo_hold: bool,
 }
@@ -84,6 +86,7 @@ impl Vmm {
             colo: None,
             local_serial: None,
             local_nets: Vec::new(),
+            local_disks: Vec::new(),
             colo_hold: false,
         })
     }
@@ -103,6 +106,16 @@ impl Vmm {
     }
 
     pub(crate) fn build_vm(&mut self, config: &VmConfig, start: Start) -> Result<(), ApiError> {
+        self.build_vm_on(config, start, Vec::new())
+    }
+
+    /// [`Self::build_vm`] on the given disk backends (see [`Vm::build_on`]).
+    pub(crate) fn build_vm_on(
+        &mut self,
+        config: &VmConfig,
+        start: Start,
+        disks: Vec<Box<dyn devices::virtio::block::BlockBackend>>,
+    ) -> Result<(), ApiError> {
         if let Some(vm) = &self.vm {
             if vm.state() != VmState::Shutdown {
                 return Err(ApiError::new(
@@ -122,7 +135,9 @@ impl Vmm {
         }
         let console = self.console.as_ref().ok_or_else(no_vm)?;
         self.vm = None;
-        self.vm = Some(Vm::build(config, console, self.seccomp, start).map_err(|e| api_error(&e))?);
+        self.vm = Some(
+            Vm::build_on(config, console, self.seccomp, start, disks).map_err(|e| api_error(&e))?,
+        );
         self.emit(
             "created",
             serde_json::json!({"vcpus": config.cpus.boot, "memory": config.memory.size}),

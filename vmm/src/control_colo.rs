@@ -6,7 +6,7 @@ use std::sync::Arc;
 use api::{ApiError, ColoConfig, ColoRole, VmState};
 
 use crate::colo_host::{parts_of, ColoObserver, ColoRequest, ColoSecondaryHost, ColoVm};
-use crate::config::{NetConfig, SerialConfig};
+use crate::config::{DiskConfig, NetConfig, SerialConfig};
 use crate::control::Vmm;
 use crate::snapshot::VmSnapshot;
 use crate::vm::Start;
@@ -27,6 +27,12 @@ impl Vmm {
     /// Sets the taps the SVM's NICs will use (the secondary's own `--net`), in order.
     pub fn set_local_nets(&mut self, nets: Vec<NetConfig>) {
         self.local_nets = nets;
+    }
+
+    /// Sets this host's copies of the primary's disks (the secondary's own `--disk`), in
+    /// order: the SVM runs on them, block replication keeps them equal to the primary's.
+    pub fn set_local_disks(&mut self, disks: Vec<DiskConfig>) {
+        self.local_disks = disks;
     }
 
     /// Starts COLO in `cfg.role` (`--colo`, `vm.colo-start`).
@@ -61,12 +67,6 @@ impl Vmm {
                         ),
                     ));
                 }
-                if !vm.config().disks.is_empty() {
-                    return Err(ApiError::new(
-                        400,
-                        "COLO does not replicate disks yet: protect a VM without them",
-                    ));
-                }
                 if vm.config().nets.len() > 1 {
                     return Err(ApiError::new(
                         400,
@@ -87,6 +87,12 @@ impl Vmm {
                     vcpus: vm.config().cpus.boot.into(),
                     psk,
                     compare_timeout: cfg.compare_timeout(),
+                    disk_completion: match cfg.disk_completion.unwrap_or_default() {
+                        api::DiskCompletion::Replicated => {
+                            colo::block::mirror::Completion::Replicated
+                        }
+                        api::DiskCompletion::Local => colo::block::mirror::Completion::Local,
+                    },
                 };
                 let pvm = Arc::new(ColoVm::new(parts_of(vm), self.link.clone()));
                 colo::start_primary(pvm, pcfg, observer)
@@ -109,6 +115,17 @@ impl Vmm {
                     heartbeat_interval: cfg.heartbeat_interval(),
                     heartbeat_timeout: cfg.heartbeat_timeout(),
                     psk,
+                    disks: self
+                        .local_disks
+                        .iter()
+                        .map(|d| colo::block::link::DiskTarget {
+                            path: d.path.clone(),
+                        })
+                        .collect(),
+                    layers: match &cfg.disk_layers {
+                        Some(dir) => colo::block::LayerStore::Files(dir.into()),
+                        None => colo::block::LayerStore::Memory,
+                    },
                 };
                 let host = Box::new(ColoSecondaryHost {
                     link: self.link.clone(),
@@ -178,16 +195,16 @@ impl Vmm {
                 };
                 let _ = reply.send(r);
             }
-            ColoRequest::CreateVm(mut config, reply) => {
+            ColoRequest::CreateVm(mut config, disks, reply) => {
                 if let Some(serial) = &self.local_serial {
                     config.serial = serial.clone();
                 }
-                let r = if !config.disks.is_empty() {
-                    Err("the primary's VM has disks, which COLO does not replicate yet".to_string())
-                } else if let Err(e) = self.localize_nets(&mut config) {
+                let r = if let Err(e) = self.localize_nets(&mut config) {
+                    Err(e)
+                } else if let Err(e) = self.localize_disks(&mut config, disks.len()) {
                     Err(e)
                 } else {
-                    self.build_vm(&config, Start::Restore)
+                    self.build_vm_on(&config, Start::Restore, disks)
                         .map_err(|e| e.error)
                         .and_then(|()| self.vm().map(|vm| parts_of(vm)).map_err(|e| e.error))
                 };
@@ -221,6 +238,28 @@ impl Vmm {
                 mac: Some(mac),
                 ..local.clone()
             };
+        }
+        Ok(())
+    }
+
+    /// Puts the SVM's disks on this host's copies (`--disk`, one per disk of the primary, in
+    /// order), which block replication opened as the replicas' bases (`replicas` of them).
+    fn localize_disks(
+        &self,
+        config: &mut crate::config::VmConfig,
+        replicas: usize,
+    ) -> Result<(), String> {
+        if config.disks.len() != self.local_disks.len() || replicas != config.disks.len() {
+            return Err(format!(
+                "the primary's VM has {} disk(s) and this secondary was given {} --disk                  ({} replicated): give the secondary one --disk path=COPY per disk of the primary",
+                config.disks.len(),
+                self.local_disks.len(),
+                replicas
+            ));
+        }
+        for (disk, local) in config.disks.iter_mut().zip(&self.local_disks) {
+            // The guest sees the primary's disk (its id and mode) on this host's copy.
+            disk.path = local.path.clone();
         }
         Ok(())
     }

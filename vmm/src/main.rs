@@ -8,7 +8,7 @@ use std::process::ExitCode;
 use api::{EventMonitor, EventMonitorConfig};
 use clap::Parser;
 use vmm::cli::Cli;
-use vmm::config::{NetConfig, SerialConfig};
+use vmm::config::{DiskConfig, NetConfig, SerialConfig};
 use vmm::seccomp::{self, ThreadKind};
 use vmm::{VmOutcome, Vmm, VmmExit};
 
@@ -34,13 +34,17 @@ fn run(cli: &Cli) -> ExitCode {
             (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return fail(e),
         };
     let local_nets: Result<Vec<_>, _> = cli.net.iter().map(|n| NetConfig::parse(n)).collect();
+    let local_disks: Result<Vec<_>, _> = cli.disk.iter().map(|d| DiskConfig::parse(d)).collect();
     let colo = match (
         cli.colo_config(),
         SerialConfig::parse(&cli.serial),
         local_nets,
+        local_disks,
     ) {
-        (Ok(c), Ok(serial), Ok(nets)) => c.map(|c| (c, serial, nets)),
-        (Err(e), _, _) | (_, Err(e), _) | (_, _, Err(e)) => return fail(e),
+        (Ok(c), Ok(serial), Ok(nets), Ok(disks)) => c.map(|c| (c, serial, nets, disks)),
+        (Err(e), _, _, _) | (_, Err(e), _, _) | (_, _, Err(e), _) | (_, _, _, Err(e)) => {
+            return fail(e)
+        }
     };
     // Every thread created from here on inherits the VMM's filter.
     if let Err(e) = seccomp::apply(ThreadKind::Vmm, cli.seccomp) {
@@ -77,7 +81,12 @@ fn run_vmm(
     vmm: &mut Vmm,
     config: Option<vmm::config::VmConfig>,
     restore: Option<String>,
-    colo: Option<(api::ColoConfig, SerialConfig, Vec<NetConfig>)>,
+    colo: Option<(
+        api::ColoConfig,
+        SerialConfig,
+        Vec<NetConfig>,
+        Vec<DiskConfig>,
+    )>,
 ) -> ExitCode {
     if let Some(url) = restore {
         if let Err(e) = vmm.restore_vm(&url).and_then(|()| vmm.resume()) {
@@ -91,9 +100,10 @@ fn run_vmm(
             return fail(format_args!("{}{causes}", e.error));
         }
     }
-    if let Some((cfg, serial, nets)) = colo {
+    if let Some((cfg, serial, nets, disks)) = colo {
         vmm.set_local_serial(serial);
         vmm.set_local_nets(nets);
+        vmm.set_local_disks(disks);
         if let Err(e) = vmm.start_colo(&cfg) {
             let causes: String = e.causes.iter().map(|c| format!(": {c}")).collect();
             return fail(format_args!("{}{causes}", e.error));

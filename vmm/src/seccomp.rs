@@ -137,6 +137,10 @@ const BLOCK: Allow = &[
     (libc::SYS_fsync, "FLUSH requests"),
     (libc::SYS_fallocate, "DISCARD and WRITE_ZEROES"),
     (libc::SYS_lseek, "disk size"),
+    (
+        libc::SYS_sendto,
+        "COLO: a primary's disk writes to the secondary (from the write slot's hook)",
+    ),
 ];
 
 const NET: Allow = &[

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use devices::bus::{Bus, BusError};
 use devices::state::{ComponentState, StateError, Stateful};
-use devices::virtio::block::{Block, BlockConfig, RawFile};
+use devices::virtio::block::{Block, BlockBackend, BlockConfig, Hooked, RawFile, WriteSlot};
 use devices::virtio::mmio::{MmioTransport, TransportError, MMIO_WINDOW, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::net::{Direction, FilterChain, FilterSlot, Injector, Net, Packet, Tap};
 use devices::virtio::VirtioDevice;
@@ -122,6 +122,8 @@ pub struct DeviceMeta {
     pub announce: Option<(Injector, [u8; 6])>,
     /// For NICs: the filter slot COLO's proxy goes into.
     pub slot: Option<FilterSlot>,
+    /// For disks: COLO's view of it (its image and the write slot of its backend).
+    pub disk: Option<colo::vm::ProtectedDisk>,
 }
 
 /// A RARP "I am here" frame from `mac`, as QEMU sends after a migration, so switches learn
@@ -206,6 +208,11 @@ impl VirtioDevices {
                 })
             })
             .collect()
+    }
+
+    /// The disks, for COLO's block replication, in configuration order.
+    pub fn disks(&self) -> Vec<colo::vm::ProtectedDisk> {
+        self.meta.iter().filter_map(|m| m.disk.clone()).collect()
     }
 
     /// Every transport's state, in slot order.
@@ -347,24 +354,31 @@ impl VirtioDevices {
     }
 }
 
-/// Opens a disk image and builds its virtio-blk device; `index` names it by default.
+/// Builds the virtio-blk device of `disk` over `backend` (its image opened when `None`);
+/// `index` names it by default. The backend sits behind a write slot (for COLO's mirror).
 pub fn block_device(
     disk: &DiskConfig,
     index: usize,
+    backend: Option<Box<dyn BlockBackend>>,
 ) -> Result<(Block, DeviceMeta), VirtioAttachError> {
     let path = disk.path.display().to_string();
-    let backend =
-        RawFile::open(&disk.path, disk.readonly).map_err(|source| VirtioAttachError::Disk {
-            path: path.clone(),
-            source,
-        })?;
-    let size = devices::virtio::block::BlockBackend::size(&backend);
+    let backend = match backend {
+        Some(b) => b,
+        None => Box::new(RawFile::open(&disk.path, disk.readonly).map_err(|source| {
+            VirtioAttachError::Disk {
+                path: path.clone(),
+                source,
+            }
+        })?),
+    };
+    let size = backend.size();
     if size % devices::virtio::block::SECTOR_SIZE != 0 {
         return Err(VirtioAttachError::DiskSize { path, size });
     }
     let id = disk.id.clone().unwrap_or_else(|| format!("disk{index}"));
+    let write_slot = WriteSlot::new();
     let block = Block::new(
-        Box::new(backend),
+        Box::new(Hooked::new(backend, write_slot.clone())),
         BlockConfig {
             readonly: disk.readonly,
             id: id.clone(),
@@ -372,11 +386,17 @@ pub fn block_device(
     );
     let counters = block.counters();
     let meta = DeviceMeta {
-        id,
+        id: id.clone(),
         kind: "virtio-blk",
         counters: Box::new(move || counters.to_json()),
         announce: None,
         slot: None,
+        disk: Some(colo::vm::ProtectedDisk {
+            id,
+            path: disk.path.clone(),
+            size,
+            slot: write_slot,
+        }),
     };
     Ok((block, meta))
 }
@@ -419,6 +439,7 @@ pub fn net_device(net: &NetConfig) -> Result<(Net, DeviceMeta), VirtioAttachErro
         counters: Box::new(move || serde_json::to_value(counters.snapshot()).unwrap_or_default()),
         announce: Some((dev.injector(), mac)),
         slot: Some(dev.filter_slot()),
+        disk: None,
     };
     Ok((dev, meta))
 }

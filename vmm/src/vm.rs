@@ -160,6 +160,18 @@ impl Vm {
         seccomp: SeccompMode,
         start: Start,
     ) -> Result<Self> {
+        Self::build_on(config, console, seccomp, start, Vec::new())
+    }
+
+    /// [`Self::build`] with the disks' backends given (a COLO secondary's replicas), in
+    /// configuration order; an empty list opens the configured images.
+    pub fn build_on(
+        config: &VmConfig,
+        console: &Console,
+        seccomp: SeccompMode,
+        start: Start,
+        disks: Vec<Box<dyn devices::virtio::block::BlockBackend>>,
+    ) -> Result<Self> {
         let kvm = Kvm::new().map_err(kvm_err("opening /dev/kvm"))?;
         let fd = create_vm_fd(&kvm)?;
         let memory = create_guest_memory(config.memory.size)?;
@@ -170,7 +182,7 @@ impl Vm {
         let serial = create_serial(&fd, console)?;
         let pio = Arc::new(create_pio_bus(serial.clone(), exit.clone())?);
         let mut mmio = Bus::new();
-        let virtio = create_virtio_devices(&fd, &mut mmio, &memory, config, seccomp)?;
+        let virtio = create_virtio_devices(&fd, &mut mmio, &memory, config, seccomp, disks)?;
         let mmio = Arc::new(mmio);
 
         let entry = match start {
@@ -449,6 +461,7 @@ fn create_virtio_devices(
     memory: &GuestMemory,
     config: &VmConfig,
     seccomp: SeccompMode,
+    disks: Vec<Box<dyn devices::virtio::block::BlockBackend>>,
 ) -> Result<VirtioDevices> {
     let init: devices::virtio::WorkerInit = Arc::new(move |kind: &'static str| {
         let Some(thread) = ThreadKind::from_device(kind) else {
@@ -462,8 +475,9 @@ fn create_virtio_devices(
         }
     });
     let mut virtio = VirtioDevices::new(Some(init))?;
+    let mut backends = disks.into_iter();
     for (i, disk) in config.disks.iter().enumerate() {
-        let (dev, meta) = block_device(disk, i)?;
+        let (dev, meta) = block_device(disk, i, backends.next())?;
         let slot = virtio.attach(fd, mmio, memory, Box::new(dev), meta)?;
         log::info!(
             "disk {} at {:#x} irq {}",

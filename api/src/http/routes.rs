@@ -591,6 +591,8 @@ mod tests {
                 heartbeat_timeout_ms: None,
                 key_file: None,
                 compare_timeout_ms: None,
+                disk_completion: None,
+                disk_layers: None,
             })
         );
         assert!(matches!(
