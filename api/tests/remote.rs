@@ -440,6 +440,9 @@ fn colo_commands() {
          released (12 unmatched at a checkpoint), 10 mismatches, 0 timeouts, 0 overflows",
         "divergence      mismatch: tcp 10.0.0.9:40000 <-> 10.0.0.5:80: payload differs",
         "proxy channel   4842 frames sent, 5160 received, 0 dropped (queue full), 0 not injected",
+        "disk 0          root, 1.0 GiB; sync done, 3.0 MiB of 3.0 MiB (3 of 1024 regions \
+         differed); 812 writes replicated (406.0 KiB), 0 not",
+        "disk channel    815 writes, 815 acknowledged; 816 frames sent, 816 received",
     ] {
         assert!(o.stdout.contains(want), "missing {want:?} in\n{}", o.stdout);
     }

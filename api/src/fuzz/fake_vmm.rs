@@ -318,6 +318,16 @@ pub fn sample_colo_status() -> serde_json::Value {
             "last_divergence": "mismatch: tcp 10.0.0.9:40000 <-> 10.0.0.5:80: payload differs",
             "link": {"frames_sent": 4842, "frames_received": 5160, "outbox_dropped": 0,
                      "backlog": 0, "inject_dropped": 0, "broken": null}
+        },
+        "disks": {
+            "disks": [{"disk": 0, "name": "root", "size": 1_073_741_824u64, "synced": true,
+                "sync": {"bytes_total": 3_145_728u64, "bytes_sent": 3_145_728u64,
+                         "regions": 1024, "regions_total": 3, "regions_sent": 3},
+                "mirror": {"replicated": 812, "bytes": 415_744u64, "unreplicated": 0,
+                           "detached": false}}],
+            "writes": 815, "acked": 815,
+            "link": {"frames_sent": 816, "frames_received": 816, "outbox_dropped": 0,
+                     "backlog": 0, "inject_dropped": 0, "broken": null}
         }
     })
 }

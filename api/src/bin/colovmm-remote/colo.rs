@@ -123,6 +123,85 @@ fn proxy_rows(p: &Value) -> Vec<Vec<String>> {
     rows
 }
 
+/// Block replication's part of the status: per disk its sync, mirror (primary) or layers
+/// (secondary), then the disk channel.
+fn disk_rows(d: &Value) -> Vec<Vec<String>> {
+    let mut rows = Vec::new();
+    let n = |v: &Value| v.as_u64().unwrap_or(0);
+    let Some(disks) = d["disks"].as_array() else {
+        return rows;
+    };
+    for disk in disks {
+        let sync = &disk["sync"];
+        let mut parts = vec![format!(
+            "{}, {}",
+            disk["name"].as_str().unwrap_or("?"),
+            bytes_h(n(&disk["size"]))
+        )];
+        if disk["mirror"].is_object() {
+            parts.push(format!(
+                "sync {} {} of {} ({} of {} regions differed)",
+                if disk["synced"].as_bool() == Some(true) {
+                    "done,"
+                } else {
+                    "running,"
+                },
+                bytes_h(n(&sync["bytes_sent"])),
+                bytes_h(n(&sync["bytes_total"])),
+                n(&sync["regions_total"]),
+                n(&sync["regions"]),
+            ));
+            let m = &disk["mirror"];
+            parts.push(format!(
+                "{} writes replicated ({}), {} not{}",
+                n(&m["replicated"]),
+                bytes_h(n(&m["bytes"])),
+                n(&m["unreplicated"]),
+                if m["detached"].as_bool() == Some(true) {
+                    ", detached"
+                } else {
+                    ""
+                }
+            ));
+        }
+        let r = &disk["replica"];
+        if r.is_object() {
+            parts.push(format!(
+                "hidden {}, active {}, {} copy-before-writes, {} applied, {} queued{}",
+                bytes_h(n(&r["hidden_bytes"])),
+                bytes_h(n(&r["active_bytes"])),
+                n(&r["copy_before_writes"]),
+                n(&disk["applied"]),
+                n(&disk["queued"]),
+                if n(&r["merges"]) > 0 {
+                    format!(", merged ({} blocks)", n(&r["merged_blocks"]))
+                } else {
+                    String::new()
+                }
+            ));
+        }
+        rows.push(vec![format!("disk {}", n(&disk["disk"])), parts.join("; ")]);
+    }
+    let l = &d["link"];
+    if l.is_object() {
+        let broken = l["broken"]
+            .as_str()
+            .map(|b| format!(", broken: {b}"))
+            .unwrap_or_default();
+        rows.push(vec![
+            "disk channel".into(),
+            format!(
+                "{} writes, {} acknowledged; {} frames sent, {} received{broken}",
+                n(&d["writes"]),
+                n(&d["acked"]),
+                n(&l["frames_sent"]),
+                n(&l["frames_received"]),
+            ),
+        ]);
+    }
+    rows
+}
+
 /// `vm.colo-status` as a table; `None` if the reply is not an object with a role and state.
 pub fn status_table(v: &Value) -> Option<String> {
     let text = |key: &str| v[key].as_str().map(String::from);
@@ -213,6 +292,7 @@ pub fn status_table(v: &Value) -> Option<String> {
         ]);
     }
     rows.extend(proxy_rows(&v["proxy"]));
+    rows.extend(disk_rows(&v["disks"]));
     let exit = &v["exit"];
     if let Some(reason) = exit["reason"].as_str() {
         let when = match exit["during_checkpoint"].as_bool() {
@@ -233,6 +313,45 @@ pub fn status_table(v: &Value) -> Option<String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn the_table_shows_the_disks_of_either_side() {
+        let p = json!({"role": "primary", "state": "protected", "disks": {
+            "disks": [{"disk": 0, "name": "disk0", "size": 67108864, "synced": true,
+                "sync": {"bytes_sent": 3145728, "bytes_total": 3145728, "regions": 64,
+                         "regions_total": 3},
+                "mirror": {"replicated": 812, "bytes": 415744, "unreplicated": 0,
+                           "detached": false}}],
+            "writes": 815, "acked": 815,
+            "link": {"frames_sent": 816, "frames_received": 816, "broken": null}
+        }});
+        let t = status_table(&p).unwrap();
+        assert!(
+            t.contains("disk 0        disk0, 64.0 MiB; sync done, 3.0 MiB of 3.0 MiB (3 of 64"),
+            "{t}"
+        );
+        assert!(
+            t.contains("812 writes replicated (406.0 KiB), 0 not"),
+            "{t}"
+        );
+        assert!(
+            t.contains("815 writes, 815 acknowledged; 816 frames sent"),
+            "{t}"
+        );
+        let s = json!({"role": "secondary", "state": "failed-over", "disks": {
+            "disks": [{"disk": 0, "name": "/srv/copy.img", "size": 1048576, "applied": 9,
+                "queued": 0, "replica": {"hidden_bytes": 65536, "active_bytes": 0,
+                "copy_before_writes": 4, "merges": 1, "merged_blocks": 2}}],
+            "writes": 9, "acked": 9, "link": {"broken": "reading from the peer: closed"}
+        }});
+        let t = status_table(&s).unwrap();
+        assert!(
+            t.contains("/srv/copy.img, 1.0 MiB; hidden 64.0 KiB, active 0 B"),
+            "{t}"
+        );
+        assert!(t.contains("9 applied, 0 queued, merged (2 blocks)"), "{t}");
+        assert!(t.contains("broken: reading from the peer: closed"), "{t}");
+    }
 
     #[test]
     fn the_table_shows_the_proxy_of_either_side() {
