@@ -65,7 +65,12 @@ struct Pair {
 impl Pair {
     /// The primary's image: the first 8 MiB random, the rest zeroes. The secondary's copy is
     /// `copy`'s content (none: absent, so created by the sync).
-    fn start(tag: &str, copy: impl FnOnce(&[u8]) -> Option<Vec<u8>>) -> Pair {
+    /// `layers`: the secondary keeps the replica's layers in files there (else in memory).
+    fn start(
+        tag: &str,
+        copy: impl FnOnce(&[u8]) -> Option<Vec<u8>>,
+        layers: Option<&str>,
+    ) -> Pair {
         let files = PairFiles::new(&format!("colo-disk-{tag}"));
         let image = files.dir.0.join("primary.img");
         let copy_path = files.dir.0.join("secondary-copy.img");
@@ -91,7 +96,13 @@ impl Pair {
             copy: copy_path,
             svm_console,
         };
-        let spec = format!("role=secondary,listen={HOST_B_IP}:{PORT}");
+        let mut spec = format!("role=secondary,listen={HOST_B_IP}:{PORT}");
+        if let Some(dir) = layers {
+            spec.push_str(&format!(
+                ",disk-layers={}",
+                pair.files.dir.0.join(dir).display()
+            ));
+        }
         let disk = path_arg("path", &pair.copy);
         let mut args = pair.files.secondary_args(&spec, &["--disk", &disk]);
         // The SVM's console on a socket: after a failover the test types into it.
@@ -286,13 +297,18 @@ fn began(primary: &mut Events, seq: u64) -> f64 {
 fn disk_records_survive_a_kill_9_of_the_primary() {
     let _serial = one_at_a_time();
     // The secondary holds an old copy: three regions differ.
-    let mut pair = Pair::start("kill-primary", |img| {
-        let mut c = img.to_vec();
-        for r in [2, 5, 40] {
-            c[r * MIB + 12_345] ^= 0x5a;
-        }
-        Some(c)
-    });
+    // Its layers in files: the failover merges from them (with its journal).
+    let mut pair = Pair::start(
+        "kill-primary",
+        |img| {
+            let mut c = img.to_vec();
+            for r in [2, 5, 40] {
+                c[r * MIB + 12_345] ^= 0x5a;
+            }
+            Some(c)
+        },
+        Some("layers"),
+    );
     pair.files.pev.poll();
     let sync = pair
         .files
@@ -419,6 +435,16 @@ fn disk_records_survive_a_kill_9_of_the_primary() {
             "the secondary's copy holds {on_host} records (in order: {in_order}), the SVM sees {n}"
         ));
     }
+    // The merge left its layers empty and no journal behind.
+    let layers = pair.files.dir.0.join("layers/disk0");
+    if layers.join("merge.journal").exists() {
+        pair.fail("a merge journal is left after the failover");
+    }
+    for layer in ["hidden.index", "active.index"] {
+        if !layers.join(layer).exists() {
+            pair.fail(&format!("no {layer} in {}", layers.display()));
+        }
+    }
     eprintln!(
         "   SVM after the failover: {n} records; the primary confirmed {seq}, {checkpointed} \
          before checkpoint #{last}, at most {at_most} by #{applied}"
@@ -429,7 +455,7 @@ fn disk_records_survive_a_kill_9_of_the_primary() {
 fn the_primary_goes_on_with_its_disk_after_a_kill_9_of_the_secondary() {
     let _serial = one_at_a_time();
     // No copy on the secondary: the sync creates it and sends only what is not zero.
-    let mut pair = Pair::start("kill-secondary", |_| None);
+    let mut pair = Pair::start("kill-secondary", |_| None, None);
     pair.files.pev.poll();
     let sent = pair
         .files
