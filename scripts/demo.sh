@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# The main job: a COLO-protected VM pair with its network. Builds colovmm and the test guest,
-# makes three network namespaces standing for two hosts and a client on one switch, starts a
-# secondary and a primary (each VM's NIC on its host's tap), and runs a client that increments a
-# redis counter in the guest over one TCP connection. Then it kills the primary with -9: the
-# secondary's copy of the guest takes over the network and the same connection goes on, every
-# reply still the previous one plus one. Everything it made is removed on exit. Needs root.
+# The main job: a COLO-protected VM pair with its network and its disk. Builds colovmm and the
+# test guest, makes three network namespaces standing for two hosts and a client on one switch,
+# starts a secondary and a primary (each VM's NIC on its host's tap, its disk on its host's
+# image: the secondary's copy is created and synced), runs a client that increments a redis
+# counter in the guest over one TCP connection, and has the guest append records to its disk.
+# Then it kills the primary with -9: the secondary's copy of the guest takes over the network
+# and the same connection goes on, every reply still the previous one plus one, and the
+# survivor's disk holds the records in order. Everything it made is removed on exit. Needs root.
 set -euo pipefail
 root="$(cd "$(dirname "$0")/.." && pwd)"
 cd "$root"
@@ -58,14 +60,16 @@ plug "$client" pc
 ip -n "$client" addr add 10.77.0.1/24 dev up0
 ip -n "$client" link set up0 up
 
-echo "== secondary: waits on 10.77.0.11:9400; its VM comes from the primary, on its own tap"
-ip netns exec "$hosts" "$bin/colovmm" --net tap=tap0 \
-    --colo "role=secondary,listen=10.77.0.11:9400" --serial "file=$dir/svm.log" \
+echo "== secondary: waits on 10.77.0.11:9400; its VM comes from the primary, on its own tap and disk copy"
+ip netns exec "$hosts" "$bin/colovmm" --net tap=tap0 --disk "path=$dir/vm-copy.img" \
+    --colo "role=secondary,listen=10.77.0.11:9400" --serial "socket=$dir/svm.console" \
     --api-socket "path=$dir/s.sock" --event-monitor "path=$dir/s.ev" 2>"$dir/s.err" &
 pids+=($!)
-echo "== primary: boots the test guest (10.77.0.2) and protects it (a checkpoint every 500 ms)"
+echo "== primary: boots the test guest (10.77.0.2) with a 64 MiB disk and protects it (a checkpoint every 500 ms)"
+truncate -s 64M "$dir/vm.img"
 ip netns exec "$hostp" "$bin/colovmm" --kernel target/guest/testguest --memory size=256M \
-    --cmdline "ip=10.77.0.2/24" --net tap=tap0 \
+    --cmdline "ip=10.77.0.2/24" --net tap=tap0 --disk "path=$dir/vm.img" \
+    --serial "socket=$dir/pvm.console" \
     --api-socket "path=$dir/p.sock" --event-monitor "path=$dir/p.ev" \
     --colo "role=primary,peer=10.77.0.11:9400,checkpoint-interval=500" \
     >"$dir/pvm.log" 2>"$dir/p.err" </dev/null &
@@ -100,6 +104,36 @@ EOF
 ip netns exec "$client" python3 "$dir/incr.py" 3000 &
 pids+=($!)
 clientpid=$!
+cat >"$dir/console.py" <<'EOF'
+import socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.connect(sys.argv[1])
+f = s.makefile("rb")
+def ask(cmd, prefix):
+    s.sendall(cmd.encode() + b"\n")
+    for line in f:
+        if line.startswith(prefix.encode()) or line.startswith(b"error"):
+            return line.decode().strip()
+    return None
+if sys.argv[2] == "write":
+    n = 0
+    while True:
+        line = ask(f"disk write {n + 1}", "disk write")
+        if line is None:
+            print(f"disk writer: the primary is gone; it had confirmed {n} records", flush=True)
+            break
+        if not line.startswith("disk write ok"):
+            sys.exit(f"disk writer: {line}")
+        n += 1
+        if n % 500 == 0:
+            print(f"disk writer: {n} records written and flushed", flush=True)
+else:
+    print("survivor's guest:", ask("disk check", "disk "))
+EOF
+echo "== the guest appends records to its disk (each confirmed after its write and a flush)"
+python3 "$dir/console.py" "$dir/pvm.console" write &
+pids+=($!)
+writer=$!
 wait_event "$dir/p.ev" checkpoint 6
 echo "== the primary's view"
 remote p colo-status
@@ -109,6 +143,8 @@ wait_event "$dir/s.ev" colo_exit 1
 grep '"colo_exit"' "$dir/s.ev"
 echo "== the secondary's view"
 remote s colo-status
+wait "$writer" || true
+python3 "$dir/console.py" "$dir/svm.console" check
 if wait "$clientpid"; then
     echo "demo: the client's connection survived the primary's death"
 else

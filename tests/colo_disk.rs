@@ -66,11 +66,7 @@ impl Pair {
     /// The primary's image: the first 8 MiB random, the rest zeroes. The secondary's copy is
     /// `copy`'s content (none: absent, so created by the sync).
     /// `layers`: the secondary keeps the replica's layers in files there (else in memory).
-    fn start(
-        tag: &str,
-        copy: impl FnOnce(&[u8]) -> Option<Vec<u8>>,
-        layers: Option<&str>,
-    ) -> Pair {
+    fn start(tag: &str, copy: impl FnOnce(&[u8]) -> Option<Vec<u8>>, layers: Option<&str>) -> Pair {
         let files = PairFiles::new(&format!("colo-disk-{tag}"));
         let image = files.dir.0.join("primary.img");
         let copy_path = files.dir.0.join("secondary-copy.img");

@@ -423,16 +423,16 @@ impl Message<'_> {
 pub enum WireError {
     /// The stream failed (a timeout has kind `WouldBlock` or `TimedOut`: see
     /// [`WireError::is_timeout`]; the peer closing inside a frame, `UnexpectedEof`).
-    #[error("COLO proxy channel I/O: {0}")]
+    #[error("COLO data channel I/O: {0}")]
     Io(#[from] io::Error),
     /// The peer closed the connection between two frames.
-    #[error("the peer closed the COLO proxy channel")]
+    #[error("the peer closed the COLO data channel")]
     Closed,
     /// The connection's handshake failed.
-    #[error("COLO proxy channel: {0}")]
+    #[error("COLO data channel: {0}")]
     Auth(#[from] AuthError),
     /// A body longer than its type allows.
-    #[error("COLO proxy {ty} frame of {len} bytes, at most {max} allowed")]
+    #[error("COLO {ty} frame of {len} bytes, at most {max} allowed")]
     TooLarge {
         /// The frame's type.
         ty: MsgType,
@@ -442,20 +442,20 @@ pub enum WireError {
         max: usize,
     },
     /// A type this build does not know.
-    #[error("unknown COLO proxy frame type {0}")]
+    #[error("unknown COLO data channel frame type {0}")]
     UnknownType(u16),
     /// Flags this build does not know.
-    #[error("COLO proxy frame has unknown flags {0:#x}")]
+    #[error("COLO data channel frame has unknown flags {0:#x}")]
     Flags(u16),
     /// The MAC does not verify: forged or altered, or another connection's key.
-    #[error("COLO proxy frame {seq}: MAC does not verify (forged or altered frame, or another connection's key)")]
+    #[error("COLO data channel frame {seq}: MAC does not verify (forged or altered frame, or another connection's key)")]
     BadMac {
         /// The sequence number in the frame's header.
         seq: u64,
     },
     /// An authentic frame out of its place: replayed, reordered, or one before it was lost.
     #[error(
-        "COLO proxy frame {got} where {expected} was expected (replayed, reordered or lost frames)"
+        "COLO data channel frame {got} where {expected} was expected (replayed, reordered or lost frames)"
     )]
     Sequence {
         /// The number expected next.
@@ -464,19 +464,19 @@ pub enum WireError {
         got: u64,
     },
     /// The peer speaks another version of the channel.
-    #[error("the peer speaks COLO proxy channel version {0}, this colovmm speaks {VERSION}")]
+    #[error("the peer speaks COLO data channel version {0}, this colovmm speaks {VERSION}")]
     Version(u16),
     /// A message the sender's role never sends.
-    #[error("a COLO proxy {0} frame from the wrong side")]
+    #[error("a COLO {0} frame from the wrong side")]
     WrongDirection(MsgType),
     /// A message of the other channel.
     #[error("a COLO {0} frame on the {1:?} channel")]
     WrongChannel(MsgType, Channel),
     /// A body or an order of messages that breaks the format.
-    #[error("malformed COLO proxy frame: {0}")]
+    #[error("malformed COLO data channel frame: {0}")]
     Malformed(&'static str),
     /// An earlier error ended the channel.
-    #[error("the COLO proxy channel already failed; it must be closed")]
+    #[error("the COLO data channel already failed; it must be closed")]
     Failed,
 }
 
@@ -783,7 +783,7 @@ impl<R: Read> FrameReader<R> {
                     Ok(0) => {
                         return Err(WireError::Io(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
-                            "the peer closed the COLO proxy channel inside a frame",
+                            "the peer closed the COLO data channel inside a frame",
                         )))
                     }
                     // `min`: a reader that claims more than it was given cannot push the

@@ -246,6 +246,7 @@ impl PrimaryDisks {
                     disk: i as u16,
                     size: d.size,
                 })?;
+                shared.conn.stats.sent.fetch_add(1, Ordering::Relaxed);
             }
             out.writer.flush()?;
         }
@@ -358,7 +359,9 @@ impl PrimaryDisks {
         let mut out = lock(&self.shared.out);
         out.writer
             .write(&Message::Epoch { checkpoint: n })
-            .map_err(|e| format!("disk channel: write barrier {n}: {e}"))
+            .map_err(|e| format!("disk channel: write barrier {n}: {e}"))?;
+        self.shared.conn.stats.sent.fetch_add(1, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Protection ended: the disks go on alone (hooks out), the channel closes.

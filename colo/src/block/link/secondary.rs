@@ -304,6 +304,7 @@ impl Handler {
             self.writer
                 .queue(&Message::DiskHashes { disk, total, chunk })
                 .map_err(|e| format!("sending the hash list: {e}"))?;
+            self.sent();
         }
         self.writer
             .flush()
@@ -328,7 +329,17 @@ impl Handler {
         };
         self.writer
             .write(&Message::DiskAck { writes: held })
-            .map_err(|e| format!("acknowledging a disk write: {e}"))
+            .map_err(|e| format!("acknowledging a disk write: {e}"))?;
+        self.sent();
+        Ok(())
+    }
+
+    fn sent(&self) {
+        self.shared
+            .conn
+            .stats
+            .sent
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     }
 }
 
