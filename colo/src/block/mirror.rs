@@ -2,7 +2,9 @@
 //! PVM's disk to the secondary ([`Replicator`]) after the PVM's own image took it.
 //!
 //! The guest's write completes once the secondary holds it ([`Completion::Replicated`], the
-//! default), or as soon as the local image does ([`Completion::Local`]). Local-first is still
+//! default: the device settles a batch of served requests before it reports them, and the
+//! mirror waits then for the secondary's ack of everything sent, one round trip per batch), or
+//! as soon as the local image does ([`Completion::Local`]). Local-first is still
 //! consistent for COLO — a checkpoint is ordered after every write sent before its pause, and
 //! the PVM's output that depends on a write leaves only after such a checkpoint — but it lets an
 //! unbounded amount of written data be in flight: a checkpoint then waits for all of it, and a
@@ -28,8 +30,10 @@ pub type DiskOp<'a> = WriteOp<'a>;
 
 /// Where the mirror sends writes: the disk channel to the secondary.
 pub trait Replicator: Send + Sync {
-    /// Sends `op` after every earlier one; with `wait`, returns once the secondary holds it.
-    fn replicate(&self, op: DiskOp<'_>, wait: bool) -> Result<(), String>;
+    /// Sends `op` after every earlier one.
+    fn replicate(&self, op: DiskOp<'_>) -> Result<(), String>;
+    /// Returns once the secondary holds every write sent so far.
+    fn settle(&self) -> Result<(), String>;
     /// Replication failed for good (called once, with the first error): end protection.
     fn failed(&self, why: String);
 }
@@ -106,19 +110,34 @@ impl Mirror {
             DiskOp::Write { data, .. } => data.len() as u64,
             DiskOp::Zeroes { len, .. } => len,
         };
-        let wait = self.completion == Completion::Replicated;
-        match self.replicator.replicate(op, wait) {
+        match self.replicator.replicate(op) {
             Ok(()) => {
                 self.replicated.fetch_add(1, Ordering::Relaxed);
                 self.bytes.fetch_add(len, Ordering::Relaxed);
             }
             Err(why) => {
                 self.unreplicated.fetch_add(1, Ordering::Relaxed);
-                if !self.detached.swap(true, Ordering::AcqRel) {
-                    log::warn!("COLO disk: replication failed, the disk goes on alone: {why}");
-                    self.replicator.failed(why);
-                }
+                self.fail(why);
             }
+        }
+    }
+
+    /// With [`Completion::Replicated`], waits until the secondary holds what was sent: the
+    /// guest learns of those writes' completion next.
+    pub fn settle(&self) {
+        if self.completion != Completion::Replicated || self.detached.load(Ordering::Acquire) {
+            return;
+        }
+        if let Err(why) = self.replicator.settle() {
+            self.fail(why);
+        }
+    }
+
+    /// Detaches for good on the first error and reports it once.
+    fn fail(&self, why: String) {
+        if !self.detached.swap(true, Ordering::AcqRel) {
+            log::warn!("COLO disk: replication failed, the disk goes on alone: {why}");
+            self.replicator.failed(why);
         }
     }
 }
@@ -126,6 +145,10 @@ impl Mirror {
 impl WriteHook for Mirror {
     fn written(&self, op: WriteOp<'_>) {
         self.send(op);
+    }
+
+    fn settle(&self) {
+        Mirror::settle(self);
     }
 }
 
@@ -140,18 +163,25 @@ mod tests {
     #[derive(Default)]
     struct Secondary {
         base: Mutex<Vec<u8>>,
-        waits: Mutex<Vec<bool>>,
+        /// Per write: how many settles came before it.
+        sent: Mutex<Vec<usize>>,
+        settles: Mutex<usize>,
         fail_at: Option<usize>,
         failed: Mutex<Vec<String>>,
     }
 
     impl Replicator for Secondary {
-        fn replicate(&self, op: DiskOp<'_>, wait: bool) -> Result<(), String> {
-            let mut waits = self.waits.lock().unwrap();
-            if self.fail_at.is_some_and(|n| waits.len() >= n) {
+        fn settle(&self) -> Result<(), String> {
+            *self.settles.lock().unwrap() += 1;
+            Ok(())
+        }
+
+        fn replicate(&self, op: DiskOp<'_>) -> Result<(), String> {
+            let mut sent = self.sent.lock().unwrap();
+            if self.fail_at.is_some_and(|n| sent.len() >= n) {
                 return Err("the secondary is gone".into());
             }
-            waits.push(wait);
+            sent.push(*self.settles.lock().unwrap());
             let mut base = self.base.lock().unwrap();
             match op {
                 DiskOp::Write { offset, data } => {
@@ -208,7 +238,11 @@ mod tests {
         d.disk.write_at(4100, b"over the discard").unwrap();
         let local = d.local();
         assert_eq!(&*sec.base.lock().unwrap(), &local);
-        assert_eq!(*sec.waits.lock().unwrap(), [true; 4]);
+        // Sent as they came, no wait in between; the device's settle waits for all of them.
+        assert_eq!(*sec.sent.lock().unwrap(), [0; 4]);
+        assert!(d.disk.needs_settle());
+        d.disk.settle();
+        assert_eq!(*sec.settles.lock().unwrap(), 1);
         let c = d.mirror().counters();
         assert_eq!(
             (c.replicated, c.bytes, c.detached),
@@ -223,7 +257,9 @@ mod tests {
     fn local_completion_does_not_wait() {
         let (mut d, sec) = setup(None, Completion::Local);
         d.disk.write_at(0, b"x").unwrap();
-        assert_eq!(*sec.waits.lock().unwrap(), [false]);
+        d.disk.settle();
+        assert_eq!(sec.sent.lock().unwrap().len(), 1);
+        assert_eq!(*sec.settles.lock().unwrap(), 0);
     }
 
     #[test]
@@ -247,7 +283,7 @@ mod tests {
     fn a_local_error_is_the_guests_and_is_not_replicated() {
         let (mut d, sec) = setup(None, Completion::Replicated);
         assert!(d.disk.write_at(8190, b"past the end").is_err());
-        assert!(sec.waits.lock().unwrap().is_empty());
+        assert!(sec.sent.lock().unwrap().is_empty());
     }
 
     #[test]
@@ -255,7 +291,7 @@ mod tests {
         let (mut d, sec) = setup(None, Completion::Replicated);
         d.mirror().detach();
         d.disk.write_at(0, b"alone").unwrap();
-        assert!(sec.waits.lock().unwrap().is_empty());
+        assert!(sec.sent.lock().unwrap().is_empty());
         assert!(
             sec.failed.lock().unwrap().is_empty(),
             "detaching is not a failure"

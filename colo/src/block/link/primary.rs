@@ -165,12 +165,15 @@ struct DiskReplicator {
 }
 
 impl Replicator for DiskReplicator {
-    fn replicate(&self, op: DiskOp<'_>, wait: bool) -> Result<(), String> {
-        let n = self.shared.send(self.disk, op)?;
-        if wait {
-            self.shared.wait_acked(n, self.shared.timeout)?;
-        }
-        Ok(())
+    fn replicate(&self, op: DiskOp<'_>) -> Result<(), String> {
+        self.shared.send(self.disk, op).map(|_| ())
+    }
+
+    fn settle(&self) -> Result<(), String> {
+        // Everything sent so far on the channel, other disks' writes included: they are
+        // ahead in the same stream, so the wait is the same.
+        let sent = lock(&self.shared.out).writes;
+        self.shared.wait_acked(sent, self.shared.timeout)
     }
 
     fn failed(&self, why: String) {

@@ -60,6 +60,20 @@ pub trait BlockBackend: Send {
         None
     }
 
+    /// Whether requests served by this backend complete only at [`BlockBackend::settle`]:
+    /// the worker then tells the guest about a batch of requests after settling it, rather
+    /// than each as soon as it was served. Asked at the start of each batch.
+    fn needs_settle(&self) -> bool {
+        false
+    }
+
+    /// Makes the requests served so far complete: called before the worker tells the guest
+    /// about them (when [`BlockBackend::needs_settle`] said so, and before reporting what
+    /// helper threads served). COLO's mirror waits here until the secondary holds the writes,
+    /// so a batch of writes costs one round trip, not one each. Errors are the backend's to
+    /// handle: the requests were served.
+    fn settle(&mut self) {}
+
     /// Writes the guest buffers `bufs`, in order, at `offset` (a write request's data).
     ///
     /// The default copies them into one buffer ([`gather`]) and hands it to

@@ -35,9 +35,11 @@ pub enum WriteOp<'a> {
 
 /// Sees every write of a disk after its image took it.
 pub trait WriteHook: Send + Sync {
-    /// `op` is in the local image. Runs on the device's thread, under the slot's lock: the
-    /// guest's request completes when this returns.
+    /// `op` is in the local image. Runs on the device's thread, under the slot's lock.
     fn written(&self, op: WriteOp<'_>);
+    /// The guest is about to learn that the writes seen so far completed (outside the slot's
+    /// lock): the place to wait for whatever must hold them first.
+    fn settle(&self) {}
 }
 
 /// The slot was taken when a hook was put in.
@@ -80,6 +82,11 @@ impl WriteSlot {
     /// Whether a hook is in.
     pub fn is_filled(&self) -> bool {
         self.lock().is_some()
+    }
+
+    /// The hook, if one is in.
+    fn hook(&self) -> Option<Arc<dyn WriteHook>> {
+        self.lock().clone()
     }
 
     /// Runs `f` with no write of this disk in progress and none starting until it returns:
@@ -170,6 +177,18 @@ impl BlockBackend for Hooked {
         Some(Box::new(Hooked::new(inner, self.slot.clone())))
     }
 
+    fn needs_settle(&self) -> bool {
+        self.slot.is_filled() || self.inner.needs_settle()
+    }
+
+    fn settle(&mut self) {
+        self.inner.settle();
+        // Not under the slot's lock: the wait must not hold up a reader of the image.
+        if let Some(hook) = self.slot.hook() {
+            hook.settle();
+        }
+    }
+
     fn write_from_guest(&mut self, offset: u64, bufs: &[GuestSlice<'_>]) -> io::Result<()> {
         if !self.slot.is_filled() {
             return self.inner.write_from_guest(offset, bufs);
@@ -224,7 +243,10 @@ mod tests {
     }
 
     #[derive(Default)]
-    struct Log(Mutex<Vec<(u64, Vec<u8>, u64)>>);
+    struct Log(
+        Mutex<Vec<(u64, Vec<u8>, u64)>>,
+        std::sync::atomic::AtomicU64,
+    );
 
     impl WriteHook for Log {
         fn written(&self, op: WriteOp<'_>) {
@@ -234,6 +256,10 @@ mod tests {
             };
             self.0.lock().unwrap().push(e);
         }
+
+        fn settle(&self) {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 
     #[test]
@@ -242,7 +268,9 @@ mod tests {
         let mut disk = Hooked::new(Box::new(Mem(vec![0; 4096])), slot.clone());
         disk.write_at(0, b"before").unwrap();
         let log = Arc::new(Log::default());
+        assert!(!disk.needs_settle(), "an empty slot completes at once");
         slot.install(log.clone()).unwrap();
+        assert!(disk.needs_settle());
         assert!(slot.install(log.clone()).is_err(), "one hook per slot");
         disk.write_at(512, b"during").unwrap();
         disk.write_zeroes(1024, 100).unwrap();
@@ -253,6 +281,8 @@ mod tests {
         let mut helper = disk.try_clone();
         assert!(helper.is_none(), "Mem has no second handle");
         helper.take();
+        disk.settle();
+        assert_eq!(log.1.load(std::sync::atomic::Ordering::SeqCst), 1);
         slot.remove();
         disk.write_at(0, b"after").unwrap();
         let seen = log.0.lock().unwrap().clone();

@@ -286,7 +286,11 @@ impl Worker {
         if let Some(pool) = self.pool.take() {
             let in_flight = pool.in_flight;
             let done = pool.close();
-            for d in done.try_iter().take(in_flight) {
+            let done: Vec<Done> = done.try_iter().take(in_flight).collect();
+            if !done.is_empty() {
+                self.backend.settle();
+            }
+            for d in done {
                 self.complete(d.head, d.outcome, 0);
             }
             self.signal_if_asked();
@@ -357,6 +361,9 @@ impl Worker {
                 }
             };
             let batch = chains.len();
+            // Served now, told to the guest once the backend settled the batch.
+            let settle = self.backend.needs_settle();
+            let mut served = Vec::new();
             for (i, chain) in chains.into_iter().enumerate() {
                 self.reap(false);
                 let Some(chain) = self.offer(chain) else {
@@ -373,12 +380,22 @@ impl Worker {
                     id: &self.id,
                 };
                 let outcome = execute(&self.mem, chain, self.backend.as_mut(), &disk);
+                if settle {
+                    served.push((head, outcome));
+                    continue;
+                }
                 let left = (batch - i - 1) as u64;
                 self.complete(
                     head,
                     outcome,
                     left.saturating_mul(outcome.completed.bytes()),
                 );
+            }
+            if !served.is_empty() {
+                self.backend.settle();
+                for (head, outcome) in served {
+                    self.complete(head, outcome, 0);
+                }
             }
             match self.queue.queue.enable_notification(self.mem.as_ref()) {
                 Ok(true) => continue, // more arrived while notifications were off
@@ -403,9 +420,18 @@ impl Worker {
         pool.offer(chain).err()
     }
 
-    /// Completes what the helpers finished (when `block`, waits until they are all done).
+    /// Completes what the helpers finished (when `block`, waits until they are all done),
+    /// after settling it.
     fn reap(&mut self, block: bool) {
+        let mut done = Vec::new();
         while let Some(d) = self.pool.as_mut().and_then(|p| p.next_done(block)) {
+            done.push(d);
+        }
+        if done.is_empty() {
+            return;
+        }
+        self.backend.settle();
+        for d in done {
             self.complete(d.head, d.outcome, 0);
         }
     }

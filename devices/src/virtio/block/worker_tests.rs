@@ -264,3 +264,87 @@ fn flush_waits_for_helper_writes() {
     handle.join().unwrap();
     assert_eq!(*log.lock().unwrap(), ["write", "write", "flush"]);
 }
+
+/// A disk whose writes complete only when settled: it logs each write and each settle with
+/// how many used entries the guest could see at that moment.
+struct SettledDisk {
+    log: Arc<std::sync::Mutex<Vec<String>>>,
+    used: Arc<dyn Fn() -> u16 + Send + Sync>,
+}
+
+impl BlockBackend for SettledDisk {
+    fn size(&self) -> u64 {
+        IMAGE as u64
+    }
+    fn read_at(&mut self, _: u64, _: &mut [u8]) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_at(&mut self, _: u64, _: &[u8]) -> std::io::Result<()> {
+        let used = (self.used)();
+        self.log.lock().unwrap().push(format!("write used={used}"));
+        Ok(())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn discard(&mut self, _: u64, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn write_zeroes(&mut self, _: u64, _: u64) -> std::io::Result<()> {
+        Ok(())
+    }
+    fn needs_settle(&self) -> bool {
+        true
+    }
+    fn settle(&mut self) {
+        let used = (self.used)();
+        self.log.lock().unwrap().push(format!("settle used={used}"));
+    }
+}
+
+/// A backend that completes at settle: a batch of writes is served, settled once, and only
+/// then put on the used ring (COLO's mirror: one round trip per batch, and the guest never
+/// hears of a write before the secondary holds it).
+#[test]
+fn a_settling_backend_completes_a_batch_after_one_settle() {
+    let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 32 << 20)]).unwrap();
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    // The used ring's idx as the guest reads it; its address is known once the rig exists.
+    let at = Arc::new(std::sync::OnceLock::<GuestAddress>::new());
+    let (probe_mem, probe_at) = (mem.clone(), at.clone());
+    let probe: Arc<dyn Fn() -> u16 + Send + Sync> = Arc::new(move || {
+        let a = *probe_at.get().expect("set before the worker runs");
+        probe_mem.read_obj(a).unwrap()
+    });
+    let mut r = rig_with(
+        &mem,
+        Box::new(SettledDisk {
+            log: log.clone(),
+            used: probe,
+        }),
+    );
+    at.set(r.drv.used_idx_addr()).unwrap();
+    for i in 0..4u64 {
+        r.request(true, i * 8, DATA + i * 4096, 4096);
+    }
+    let worker = r.worker.take().unwrap();
+    let kill = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    let kill_worker = kill.try_clone().unwrap();
+    let handle = std::thread::spawn(move || worker.run(kill_worker));
+    r.notify.write(1).unwrap();
+    r.wait_used(4);
+    kill.write(1).unwrap();
+    handle.join().unwrap();
+    let log = log.lock().unwrap().clone();
+    // Every write served with nothing on the used ring, then one settle, still nothing on it.
+    assert_eq!(
+        log,
+        [
+            "write used=0",
+            "write used=0",
+            "write used=0",
+            "write used=0",
+            "settle used=0"
+        ]
+    );
+}

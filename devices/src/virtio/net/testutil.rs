@@ -94,6 +94,11 @@ impl<'a> Driver<'a> {
         self.next_desc
     }
 
+    /// Where the used ring's idx lives in guest memory.
+    pub fn used_idx_addr(&self) -> GuestAddress {
+        self.used.unchecked_add(2)
+    }
+
     /// The used ring's idx.
     pub fn used_idx(&self) -> u16 {
         self.mem.read_obj(self.used.unchecked_add(2)).unwrap()
