@@ -105,10 +105,7 @@ fn proxy_rows(p: &Value) -> Vec<Vec<String>> {
     }
     let l = &p["link"];
     if l.is_object() {
-        let broken = l["broken"]
-            .as_str()
-            .map(|b| format!(", broken: {b}"))
-            .unwrap_or_default();
+        let broken = broken(l);
         rows.push(vec![
             "proxy channel".into(),
             format!(
@@ -184,10 +181,7 @@ fn disk_rows(d: &Value) -> Vec<Vec<String>> {
     }
     let l = &d["link"];
     if l.is_object() {
-        let broken = l["broken"]
-            .as_str()
-            .map(|b| format!(", broken: {b}"))
-            .unwrap_or_default();
+        let broken = broken(l);
         rows.push(vec![
             "disk channel".into(),
             format!(
@@ -200,6 +194,14 @@ fn disk_rows(d: &Value) -> Vec<Vec<String>> {
         ]);
     }
     rows
+}
+
+/// `, broken: WHY` when a channel's `link` says it broke.
+fn broken(link: &Value) -> String {
+    link["broken"]
+        .as_str()
+        .map(|b| format!(", broken: {b}"))
+        .unwrap_or_default()
 }
 
 /// `vm.colo-status` as a table; `None` if the reply is not an object with a role and state.

@@ -14,12 +14,17 @@ mod secondary;
 pub use primary::PrimaryDisks;
 pub use secondary::{barrier_patience, DiskTarget, SecondaryDisks};
 
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
 use serde::Serialize;
 
 use super::mirror::MirrorCounters;
 use super::replica::ReplicaStats;
 use super::sync::SyncProgress;
-use crate::proxy::link::LinkCounters;
+use crate::proxy::link::{Conn, LinkCounters};
 pub use crate::wire::Channel;
 
 /// One disk's part of `vm.colo-status`.
@@ -71,4 +76,41 @@ fn patience(base: std::time::Duration, bytes: u64) -> std::time::Duration {
         * u32::try_from(bytes >> 30)
             .unwrap_or(u32::MAX)
             .saturating_add(1)
+}
+
+/// How often a waiter looks whether the channel went down.
+const WAIT_POLL: Duration = Duration::from_millis(20);
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A side's disk connection and its reader thread.
+struct DiskConn {
+    conn: Arc<Conn>,
+    reader: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl DiskConn {
+    fn new(conn: Arc<Conn>, reader: JoinHandle<()>) -> Self {
+        DiskConn {
+            conn,
+            reader: Mutex::new(Some(reader)),
+        }
+    }
+
+    /// Closes the channel and joins the reader (at once: its reads fail).
+    fn close(&self) {
+        self.conn.close();
+        if let Some(h) = lock(&self.reader).take() {
+            if h.join().is_err() {
+                log::error!("COLO disk channel: the reader panicked");
+            }
+        }
+    }
+
+    /// A second handle on the socket (for the failover switch).
+    fn socket(&self) -> std::io::Result<TcpStream> {
+        self.conn.socket()
+    }
 }

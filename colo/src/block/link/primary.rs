@@ -4,22 +4,18 @@
 use std::io::BufWriter;
 use std::net::{SocketAddr, TcpStream};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use devices::virtio::block::{BlockBackend, RawFile};
 
-use super::{patience, Channel, DiskStatus, DisksStatus};
+use super::{lock, patience, Channel, DiskConn, DiskStatus, DisksStatus, WAIT_POLL};
 use crate::auth::Psk;
 use crate::block::mirror::{Completion, DiskOp, Mirror, Replicator};
 use crate::block::sync::{self, RegionHashes, SyncPlan, SyncProgress};
 use crate::proxy::link::{connect, spawn_reader, Conn, LinkError, OnBroken};
 use crate::vm::ProtectedDisk;
 use crate::wire::{FrameWriter, Message, MAX_DISK_CHUNK};
-
-/// How often a waiter looks whether the channel went down.
-const WAIT_POLL: Duration = Duration::from_millis(20);
 
 /// What the writer side holds: the frames go out in this order.
 struct Out {
@@ -50,10 +46,6 @@ struct Shared {
     sync: Mutex<Vec<SyncState>>,
     sync_cv: Condvar,
     timeout: Duration,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Shared {
@@ -194,7 +186,7 @@ struct PvmDisk {
 pub struct PrimaryDisks {
     shared: Arc<Shared>,
     disks: Vec<PvmDisk>,
-    reader: Mutex<Option<JoinHandle<()>>>,
+    conn: DiskConn,
 }
 
 impl PrimaryDisks {
@@ -234,13 +226,13 @@ impl PrimaryDisks {
             timeout,
         });
         let s = shared.clone();
-        let reader = spawn_reader("colo-disk-rx", opened.reader, conn, move |msg| {
+        let reader = spawn_reader("colo-disk-rx", opened.reader, conn.clone(), move |msg| {
             s.received(msg)
         })?;
         let mut link = PrimaryDisks {
             shared: shared.clone(),
             disks: Vec::new(),
-            reader: Mutex::new(Some(reader)),
+            conn: DiskConn::new(conn, reader),
         };
         {
             let mut out = lock(&shared.out);
@@ -373,17 +365,12 @@ impl PrimaryDisks {
             d.mirror.detach();
             d.disk.slot.remove();
         }
-        self.shared.conn.close();
-        if let Some(h) = lock(&self.reader).take() {
-            if h.join().is_err() {
-                log::error!("COLO disk channel: the reader panicked");
-            }
-        }
+        self.conn.close();
     }
 
     /// A second handle on the channel's socket (for the failover switch).
     pub fn socket(&self) -> std::io::Result<TcpStream> {
-        self.shared.conn.socket()
+        self.conn.socket()
     }
 
     /// The status, as a closure the status document calls while the link runs.

@@ -6,13 +6,12 @@ use std::fs::OpenOptions;
 use std::io::BufWriter;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
-use std::thread::JoinHandle;
+use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use devices::virtio::block::{BlockBackend, RawFile};
 
-use super::{patience, Channel, DiskStatus, DisksStatus};
+use super::{lock, patience, Channel, DiskConn, DiskStatus, DisksStatus, WAIT_POLL};
 use crate::auth::Psk;
 use crate::block::mirror::DiskOp;
 use crate::block::order::WriteOrder;
@@ -21,8 +20,6 @@ use crate::block::sync::{RegionHashes, SyncProgress};
 use crate::block::ReplicaHandle;
 use crate::proxy::link::{accept, spawn_reader, Conn, LinkError, OnBroken};
 use crate::wire::{FrameWriter, Message, MAX_HASH_CHUNK};
-
-const WAIT_POLL: Duration = Duration::from_millis(20);
 
 /// Where one disk of the primary lives on this host.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -53,14 +50,10 @@ struct Shared {
     cv: Condvar,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(PoisonError::into_inner)
-}
-
 /// The secondary's end of block replication.
 pub struct SecondaryDisks {
     shared: Arc<Shared>,
-    reader: Mutex<Option<JoinHandle<()>>>,
+    conn: DiskConn,
 }
 
 impl SecondaryDisks {
@@ -91,12 +84,12 @@ impl SecondaryDisks {
             targets,
             layers,
         };
-        let reader = spawn_reader("colo-disk-rx", opened.reader, conn, move |msg| {
+        let reader = spawn_reader("colo-disk-rx", opened.reader, conn.clone(), move |msg| {
             handler.received(msg)
         })?;
         Ok(SecondaryDisks {
             shared,
-            reader: Mutex::new(Some(reader)),
+            conn: DiskConn::new(conn, reader),
         })
     }
 
@@ -170,17 +163,12 @@ impl SecondaryDisks {
 
     /// Stops the channel (protection ended).
     pub fn close(&self) {
-        self.shared.conn.close();
-        if let Some(h) = lock(&self.reader).take() {
-            if h.join().is_err() {
-                log::error!("COLO disk channel: the reader panicked");
-            }
-        }
+        self.conn.close();
     }
 
     /// A second handle on the channel's socket (for the failover switch).
     pub fn socket(&self) -> std::io::Result<TcpStream> {
-        self.shared.conn.socket()
+        self.conn.socket()
     }
 
     /// The status, as a closure the status document calls while the link runs.
