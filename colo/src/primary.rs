@@ -386,7 +386,11 @@ impl Worker {
             compare,
             nics.pop(),
             self.commands.clone(),
-            proxy_broken(self.switch.clone(), self.cfg.heartbeat_timeout),
+            channel_broken(
+                self.switch.clone(),
+                self.cfg.heartbeat_timeout,
+                "proxy channel",
+            ),
         )
         .map_err(|e| format!("proxy channel: {e}"))?;
         let socket = link
@@ -414,7 +418,11 @@ impl Worker {
             IO_TIMEOUT,
             self.vm.disks(),
             self.cfg.disk_completion,
-            proxy_broken(self.switch.clone(), self.cfg.heartbeat_timeout),
+            channel_broken(
+                self.switch.clone(),
+                self.cfg.heartbeat_timeout,
+                "disk channel",
+            ),
         )
         .map_err(|e| format!("disk channel: {e}"))?;
         let socket = disks
@@ -644,14 +652,18 @@ impl Phases {
     }
 }
 
-/// What either side does when its proxy channel breaks: the heartbeat says first whether the
+/// What either side does when a data channel (proxy, disk) breaks: the heartbeat says first whether the
 /// peer is gone; otherwise this side ends protection.
-pub(crate) fn proxy_broken(switch: Arc<FailoverSwitch>, heartbeat_timeout: Duration) -> OnBroken {
+pub(crate) fn channel_broken(
+    switch: Arc<FailoverSwitch>,
+    heartbeat_timeout: Duration,
+    channel: &'static str,
+) -> OnBroken {
     Arc::new(move |why| {
         if switch.cause().is_none() {
             switch.wait(heartbeat_timeout + VERDICT_SLACK);
         }
-        switch.throw(Cause::Failed, format!("proxy channel: {why}"));
+        switch.throw(Cause::Failed, format!("{channel}: {why}"));
     })
 }
 

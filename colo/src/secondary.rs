@@ -21,7 +21,7 @@ use crate::block::link::{barrier_patience, DiskTarget, SecondaryDisks};
 use crate::block::LayerStore;
 use crate::heartbeat::{Heartbeat, LostReason};
 use crate::primary::{
-    clone_all, proxy_broken, CHECKPOINT_PURPOSE, HEARTBEAT_PURPOSE, IO_TIMEOUT, VERDICT_SLACK,
+    channel_broken, clone_all, CHECKPOINT_PURPOSE, HEARTBEAT_PURPOSE, IO_TIMEOUT, VERDICT_SLACK,
 };
 use crate::protection::{peer_may_be_gone, Cause, FailoverSwitch, Protection};
 use crate::proxy::link::SecondaryLink;
@@ -295,7 +295,11 @@ impl Worker {
             listener,
             psk.as_deref().unwrap_or(&public),
             IO_TIMEOUT,
-            proxy_broken(self.switch.clone(), self.cfg.heartbeat_timeout),
+            channel_broken(
+                self.switch.clone(),
+                self.cfg.heartbeat_timeout,
+                "proxy channel",
+            ),
         )
         .map_err(|e| format!("the proxy channel after {from}'s heartbeat: {e}"))?;
         let disks = SecondaryDisks::accept(
@@ -304,7 +308,11 @@ impl Worker {
             IO_TIMEOUT,
             self.cfg.disks.clone(),
             self.cfg.layers.clone(),
-            proxy_broken(self.switch.clone(), self.cfg.heartbeat_timeout),
+            channel_broken(
+                self.switch.clone(),
+                self.cfg.heartbeat_timeout,
+                "disk channel",
+            ),
         )
         .map_err(|e| format!("the disk channel after {from}'s heartbeat: {e}"))?;
         let mut clones = clone_all(&streams)?;

@@ -176,3 +176,36 @@ fn the_pvms_disk_goes_on_alone_when_the_secondary_is_lost() {
     assert!(mirror.detached);
     assert_eq!(mirror.replicated, 1);
 }
+
+#[test]
+fn a_secondary_without_a_copy_for_each_disk_refuses_and_the_primary_says_why() {
+    let dir = TempDir::new("refused");
+    let path = dir.0.join("pvm.img");
+    fs::write(&path, vec![1u8; MIB as usize]).unwrap();
+    PRIMARY_DISKS.with(|d| {
+        *d.borrow_mut() = vec![ProtectedDisk {
+            id: "disk0".into(),
+            path: path.clone(),
+            size: MIB,
+            slot: WriteSlot::new(),
+        }]
+    });
+    // The secondary was given no --disk.
+    let pair = start_pair(Setup {
+        interval: Duration::from_secs(3600),
+        pvm_mutates: false,
+        svm_mutates: false,
+        ..Setup::default()
+    });
+    PRIMARY_DISKS.with(|d| d.borrow_mut().clear());
+    let (exit, _) = pair.p.obs.wait_exit(WAIT).expect("the primary's exit");
+    assert_eq!(exit.action, colo::ExitAction::Continue);
+    assert!(
+        exit.reason
+            .contains("more disks than the 0 this secondary was given"),
+        "{exit:?}"
+    );
+    let (exit, _) = pair.s.obs.wait_exit(WAIT).expect("the secondary's exit");
+    assert_eq!(exit.action, colo::ExitAction::Stop, "{exit:?}");
+    assert!(pair.p.obs.events("protected").is_empty());
+}

@@ -114,3 +114,11 @@ impl DiskConn {
         self.conn.socket()
     }
 }
+
+/// `what` failed because the channel is down, and why it went down if known.
+fn down(conn: &Conn, what: &str) -> String {
+    match conn.broken_reason() {
+        Some(why) => format!("{what}: the disk channel broke: {why}"),
+        None => format!("{what}: the disk channel is closed"),
+    }
+}

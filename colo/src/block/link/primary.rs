@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use devices::virtio::block::{BlockBackend, RawFile};
 
-use super::{lock, patience, Channel, DiskConn, DiskStatus, DisksStatus, WAIT_POLL};
+use super::{down, lock, patience, Channel, DiskConn, DiskStatus, DisksStatus, WAIT_POLL};
 use crate::auth::Psk;
 use crate::block::mirror::{Completion, DiskOp, Mirror, Replicator};
 use crate::block::sync::{self, RegionHashes, SyncPlan, SyncProgress};
@@ -53,7 +53,7 @@ impl Shared {
     /// the count of write frames the secondary must ack for it.
     fn send(&self, disk: u16, op: DiskOp<'_>) -> Result<u64, String> {
         if self.conn.is_down() {
-            return Err("the disk channel is down".into());
+            return Err(down(&self.conn, "sending a disk write"));
         }
         let mut out = lock(&self.out);
         let out = &mut *out;
@@ -92,9 +92,10 @@ impl Shared {
         let mut acked = lock(&self.acked);
         while *acked < n {
             if self.conn.is_down() {
-                return Err(
-                    "the disk channel went down before the secondary held the write".into(),
-                );
+                return Err(down(
+                    &self.conn,
+                    "waiting for the secondary to hold a write",
+                ));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -329,7 +330,10 @@ impl PrimaryDisks {
                     .map_err(|e| format!("disk {i}: the secondary's hash list: {e}"));
             }
             if self.shared.conn.is_down() {
-                return Err("the disk channel went down during the initial sync".into());
+                return Err(down(
+                    &self.shared.conn,
+                    "waiting for the secondary's hash list",
+                ));
             }
             let now = Instant::now();
             if now >= deadline {
@@ -349,7 +353,7 @@ impl PrimaryDisks {
     /// The PVM is paused for checkpoint `n` (every write it completed was sent): the barrier.
     pub fn checkpoint_started(&self, n: u64) -> Result<(), String> {
         if self.shared.conn.is_down() {
-            return Err("the disk channel is down".into());
+            return Err(down(&self.shared.conn, "write barrier"));
         }
         let mut out = lock(&self.shared.out);
         out.writer

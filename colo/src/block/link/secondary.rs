@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use devices::virtio::block::{BlockBackend, RawFile};
 
-use super::{lock, patience, Channel, DiskConn, DiskStatus, DisksStatus, WAIT_POLL};
+use super::{down, lock, patience, Channel, DiskConn, DiskStatus, DisksStatus, WAIT_POLL};
 use crate::auth::Psk;
 use crate::block::mirror::DiskOp;
 use crate::block::order::WriteOrder;
@@ -19,7 +19,7 @@ use crate::block::replica::{LayerStore, ReplicaConfig, ReplicaDisk};
 use crate::block::sync::{RegionHashes, SyncProgress};
 use crate::block::ReplicaHandle;
 use crate::proxy::link::{accept, spawn_reader, Conn, LinkError, OnBroken};
-use crate::wire::{FrameWriter, Message, MAX_HASH_CHUNK};
+use crate::wire::{FrameWriter, Message, MAX_BYE_REASON, MAX_HASH_CHUNK};
 
 /// Where one disk of the primary lives on this host.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -85,7 +85,7 @@ impl SecondaryDisks {
             layers,
         };
         let reader = spawn_reader("colo-disk-rx", opened.reader, conn.clone(), move |msg| {
-            handler.received(msg)
+            handler.received(msg).inspect_err(|why| handler.refuse(why))
         })?;
         Ok(SecondaryDisks {
             shared,
@@ -109,8 +109,9 @@ impl SecondaryDisks {
         let mut st = lock(&self.shared.state);
         while st.barrier < n {
             if self.shared.conn.is_down() {
-                return Err(format!(
-                    "the disk channel went down before checkpoint {n}'s write barrier"
+                return Err(down(
+                    &self.shared.conn,
+                    &format!("waiting for checkpoint {n}'s write barrier"),
                 ));
             }
             let now = Instant::now();
@@ -224,6 +225,20 @@ struct Handler {
 }
 
 impl Handler {
+    /// Tells the primary why this side ends the channel, so its exit says so.
+    fn refuse(&mut self, why: &str) {
+        let mut reason: String = why
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .collect();
+        while reason.len() > MAX_BYE_REASON {
+            reason.pop();
+        }
+        if let Err(e) = self.writer.write(&Message::Bye { reason: &reason }) {
+            log::debug!("COLO disk channel: the bye did not go out: {e}");
+        }
+    }
+
     fn received(&mut self, msg: Message<'_>) -> Result<(), String> {
         match msg {
             Message::DiskInfo { disk, size } => self.announce(disk, size),

@@ -291,6 +291,15 @@ impl Conn {
         self.stream.try_clone()
     }
 
+    /// Why the channel broke, if it did.
+    pub(crate) fn broken_reason(&self) -> Option<String> {
+        self.stats
+            .broken
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
     /// Whether the channel broke or was closed: nothing more will cross it.
     pub(crate) fn is_down(&self) -> bool {
         self.is_closed() || self.broke.load(Ordering::Acquire)
@@ -435,7 +444,9 @@ pub(crate) fn spawn_reader(
         .spawn(move || loop {
             match reader.read() {
                 Ok(Message::Bye { reason }) => {
-                    log::info!("COLO proxy: the peer ended the channel: {reason}");
+                    // Nothing more will come: a peer that ends the channel while this side
+                    // still uses it ends protection (ignored once this side closed it).
+                    chan.broken(format!("the peer ended the channel: {reason}"));
                     return;
                 }
                 Ok(msg) => {
