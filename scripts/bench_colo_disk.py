@@ -31,7 +31,8 @@ Per boot, after protection is on and the first periodic checkpoint passed (the g
 on the primary's stdin/stdout, times taken on the host):
 
   latency   `disk write <seq>` (a 512-byte record appended at the disk's start + a flush; the
-            answer comes after both completed) --records times after 5 warm-up records: the
+            answer comes after both completed), at least --records times and for at least
+            --lat-s seconds, after 5 warm-up records: the
             round trip of each command on the console, as a synchronous writer sees it (median,
             p99). The same console round trip of a command without disk I/O (`uptime`, median)
             is reported beside it.
@@ -158,8 +159,21 @@ def copy_image(src, dst):
 # The measurements, on a VM's console
 
 
+class LostLine(Exception):
+    """The guest's answer never came, but it answers the next command: the answer's bytes were
+    lost on the console (seen on QEMU COLO's primary), the guest is alive."""
+
+
 def ask_ok(vm, cmd, pattern, timeout=60.0):
-    text, dt = vm.ask(cmd, r"^(disk |error|uptime_ms=)", timeout)
+    try:
+        text, dt = vm.ask(cmd, r"^(disk|error|uptime_ms=)", timeout)
+    except TimeoutError:
+        try:
+            vm.ask("uptime", r"^uptime_ms=", 5)
+        except TimeoutError:
+            raise Failed(f"the guest did not answer {cmd!r} within {timeout:g} s, nor "
+                         "`uptime` after it") from None
+        raise LostLine(cmd) from None
     if not re.search(pattern, text):
         raise Failed(f"guest answered {cmd!r} with {text!r}")
     return text, dt
@@ -178,30 +192,53 @@ def measure(vm, args, alive):
         _, dt = ask_ok(vm, "uptime", r"^uptime_ms=")
         echo.append(dt * 1000)
     r["console_rtt_ms"] = median(echo)
+    # Console lines that came garbled (bytes lost; only seen on QEMU COLO's primary) or not at
+    # all: a garbled answer still times its command, a lost one is left out.
+    r["garbled_lines"] = r["lost_lines"] = 0
+
+    def record(seq):
+        try:
+            text, dt = ask_ok(vm, f"disk write {seq}", r"^disk write ok", timeout=10)
+        except LostLine:
+            r["lost_lines"] += 1
+            return None
+        if not re.match(rf"^disk write ok seq={seq} sector=\d+$", text):
+            r["garbled_lines"] += 1
+        return dt
+
     seq = 0
     for _ in range(WARMUP):
         seq += 1
-        ask_ok(vm, f"disk write {seq}", rf"^disk write ok seq={seq} ")
+        record(seq)
     lat = []
     t_lat = time.time()
-    for _ in range(args.records):
+    while seq - WARMUP < args.records or time.time() - t_lat < args.lat_s:
         seq += 1
-        _, dt = ask_ok(vm, f"disk write {seq}", rf"^disk write ok seq={seq} ")
-        lat.append(dt * 1000)
+        dt = record(seq)
+        if dt is not None:
+            lat.append(dt * 1000)
     r["latency_ms"] = lat
     r["latency_window"] = (t_lat, time.time())
     alive()
 
     def bench(cmd, per):
+        # What counts is the host's time per command; the guest's own figures are kept when
+        # its line arrived whole (QEMU COLO's primary at times loses console bytes).
         total, host_s, guest = 0, 0.0, []
         t0 = time.time()
         while not total or host_s < args.bench_s:
-            text, dt = ask_ok(vm, cmd, r"^disk bench \w+ bytes=\d+ ms=[\d.]+ mb_s=[\d.]+ "
-                                       r"iops=\d+", timeout=300)
+            try:
+                text, dt = ask_ok(vm, cmd, r"^disk bench", timeout=30)
+            except LostLine:
+                r["lost_lines"] += 1
+                continue
             total += per
             host_s += dt
-            m = re.search(r"mb_s=([\d.]+) iops=(\d+)", text)
-            guest.append((float(m.group(1)), int(m.group(2))))
+            m = re.search(r"^disk bench \w+ bytes=\d+ ms=[\d.]+ mb_s=([\d.]+) iops=(\d+)$",
+                          text)
+            guest.append((float(m.group(1)), int(m.group(2))) if m else text)
+            if not m:
+                r["garbled_lines"] += 1
             alive()
         return total, host_s, guest, (t0, time.time())
 
@@ -417,7 +454,18 @@ def run_qemu(tmp, tag, args, interval, protect=True, shim=None):
             if time.monotonic() > deadline + interval / 1000 * 3:
                 raise Failed("first checkpoint not done in time")
             time.sleep(0.05)
-        r = measure(pri, args, alive)
+        try:
+            r = measure(pri, args, alive)
+        except Failed as e:
+            # What QEMU says about a guest whose disk command never answered.
+            try:
+                st = a.cmd("query-status").get("status")
+                mig = a.cmd("query-migrate").get("status")
+                sst = b.cmd("query-status").get("status")
+            except (OSError, RuntimeError, EOFError) as qe:
+                st = mig = sst = f"QMP: {qe}"
+            raise Failed(f"{e} (primary: status {st}, migration {mig}; secondary: status "
+                         f"{sst})") from None
         alive()
         a.cmd("query-status")
         r["ckpt"] = ckpt_summary([(s, (e - s) * 1000) for s, e in pauses(a)], r)
@@ -438,6 +486,11 @@ def run_qemu(tmp, tag, args, interval, protect=True, shim=None):
 
 
 def run_setup(kind, tmp, tag, args, interval, shim):
+    # A kept --logs directory may hold files of an earlier run under the same tag (event files
+    # are appended to).
+    for f in os.listdir(tmp):
+        if f.startswith(tag + "-"):
+            os.unlink(os.path.join(tmp, f))
     if kind == "colovmm":
         return run_colovmm(tmp, tag, args, interval, protect=False)
     if kind == "colovmm-colo":
@@ -530,18 +583,22 @@ def write_report(out, raw):
     lines = [
         "## Guest disk writes under COLO: colovmm vs QEMU COLO (quorum + replication + NBD)",
         "",
-        f"`{meta['command']}` ({meta['date']}; colovmm at {meta['rev']} (binary of "
-        f"{meta['built']}); {meta['qemu']}; test guest with {MEM}iB, 1 vCPU, one virtio-blk "
+        "`scripts/bench-colo.sh` runs it after the network part (`--disk-only`: this part "
+        "alone, `--no-disk`: without it, `--disk-X V`: its option `--X V`); this table came from "
+        f"`{meta['command']}` ({meta['date']}; colovmm binary of {meta['built']} (HEAD "
+        f"{meta['rev']} at the run); {meta['qemu']}; test guest with {MEM[:-1]} MiB, 1 vCPU, one virtio-blk "
         f"disk: a {meta['disk_mib']} MiB raw image of zeroes on ext4 (QEMU: microvm, "
         "`virtio-blk-device`, default cache=writeback); primary and secondary on 127.0.0.1; "
         f"{meta['rounds']} rounds, each booting every setup once on fresh images, the order "
         "rotating per round; medians over the rounds, [min–max] where it matters; the whole "
         f"benchmark took {meta['elapsed_s'] / 60:.1f} min). Measured once protection is on and "
-        "the first periodic checkpoint has passed.",
+        "the first periodic checkpoint has passed. A failed boot (a VMM died, protection ended, "
+        "the guest stopped answering) is booted again once and listed under the table.",
         "",
         f"- **sync write latency**: the host's round trip of `disk write <seq>` on the primary's "
         f"console (a 512-byte record + a flush; the guest answers after both completed), "
-        f"{meta['records']} records per boot after {WARMUP} warm-up ones: median and p99 per "
+        f"at least {meta['records']} records and {meta.get('lat_s', 0):g} s per boot (so "
+        f"checkpoints fall in) after {WARMUP} warm-up ones: median and p99 per "
         "boot, then the median over boots. The console's own round trip (`uptime`, no I/O) is "
         "in its own column.",
         f"- **4 KiB randwrite IOPS**: `disk bench randwrite {RAND_N}` (4 KiB, 32 in flight, "
@@ -605,6 +662,14 @@ def write_report(out, raw):
         if r.get("error"):
             notes.append(f"round {r['round'] + 1}, {col(r['kind'], r['interval_ms'])}: "
                          f"{r['error']}")
+        for e in r.get("failed_attempts") or []:
+            notes.append(f"round {r['round'] + 1}, {col(r['kind'], r['interval_ms'])}: a boot "
+                         f"failed and was run again: {e}")
+        if r.get("garbled_lines") or r.get("lost_lines"):
+            notes.append(f"round {r['round'] + 1}, {col(r['kind'], r['interval_ms'])}: "
+                         f"{r['garbled_lines']} console answer(s) came with bytes missing "
+                         f"(timed all the same), {r['lost_lines']} never came (the guest "
+                         "answered the next command; left out)")
         if r.get("foreign"):
             notes.append(f"round {r['round'] + 1}, {col(r['kind'], r['interval_ms'])}: other "
                          f"VMMs or builds were running: {len(r['foreign'])}")
@@ -624,14 +689,17 @@ def main():
     ap.add_argument("--out", default=os.path.join(ROOT, "docs/benchmarks.md"))
     ap.add_argument("--setups", default=",".join(SETUPS),
                     help=f"comma-separated subset of {','.join(SETUPS)}")
-    ap.add_argument("--intervals", default="1000",
+    ap.add_argument("--intervals", default="1000,100",
                     help="checkpoint intervals in ms for the COLO setups (both VMMs), e.g. "
                          "1000,100")
-    ap.add_argument("--rounds", type=int, default=3, help="boots of each setup (medians)")
-    ap.add_argument("--records", type=int, default=200, help="timed `disk write`s per boot")
+    ap.add_argument("--rounds", type=int, default=5, help="boots of each setup (medians)")
+    ap.add_argument("--records", type=int, default=300, help="timed `disk write`s per boot")
+    ap.add_argument("--lat-s", type=float, default=3.0,
+                    help="time `disk write`s for at least this long too (checkpoints fall in)")
     ap.add_argument("--bench-s", type=float, default=4.0,
                     help="seconds of randwrite and of seq write per boot (at least)")
-    ap.add_argument("--disk-mib", type=int, default=64, help="the guest's disk, MiB")
+    ap.add_argument("--disk-mib", type=int, default=1024,
+                    help="the guest's disk, MiB (large enough that random writes rarely hit a block twice)")
     ap.add_argument("--fresh-copy", action="store_true",
                     help="colovmm's secondary starts without its copy (the sync creates it)")
     ap.add_argument("--retries", type=int, default=1, help="boot a failed setup again this often")
@@ -686,7 +754,8 @@ def main():
                 for kind, iv in order:
                     failures = []
                     for attempt in range(1 + args.retries):
-                        tag = f"r{rnd}-{col(kind, iv)}" + (f"-retry{attempt}" if attempt else "")
+                        tag = f"r{rnd}-{kind}@{iv or 'off'}" + (f"-retry{attempt}" if attempt
+                                                                 else "")
                         with Lock(args.lock) as lk:
                             waited += lk.waited
                             t = time.monotonic()
@@ -721,6 +790,7 @@ def main():
     argv = " ".join(sys.argv[1:])
     raw = {"meta": {"date": str(datetime.date.today()), "qemu": qv, "rev": rev, "built": built,
                     "rounds": args.rounds, "records": args.records, "bench_s": args.bench_s,
+                    "lat_s": args.lat_s,
                     "disk_mib": args.disk_mib, "kinds": kinds, "intervals": intervals,
                     "elapsed_s": time.monotonic() - t_start - waited,
                     "command": ("python3 scripts/bench_colo_disk.py " + argv).strip()},
