@@ -12,6 +12,8 @@ mod common;
 
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use colo::block::link::DiskTarget;
@@ -208,4 +210,83 @@ fn a_secondary_without_a_copy_for_each_disk_refuses_and_the_primary_says_why() {
     let (exit, _) = pair.s.obs.wait_exit(WAIT).expect("the secondary's exit");
     assert_eq!(exit.action, colo::ExitAction::Stop, "{exit:?}");
     assert!(pair.p.obs.events("protected").is_empty());
+}
+
+/// A raw file whose writes fail once `left` runs out (a crash in the middle of a merge).
+struct Failing {
+    file: RawFile,
+    left: Arc<AtomicU64>,
+}
+
+impl BlockBackend for Failing {
+    fn size(&self) -> u64 {
+        self.file.size()
+    }
+    fn read_at(&mut self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        self.file.read_at(offset, buf)
+    }
+    fn write_at(&mut self, offset: u64, buf: &[u8]) -> std::io::Result<()> {
+        let left = self.left.load(Ordering::SeqCst);
+        if left == 0 {
+            return Err(std::io::Error::other("the process died"));
+        }
+        self.left.store(left - 1, Ordering::SeqCst);
+        self.file.write_at(offset, buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.file.flush()
+    }
+    fn discard(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.file.discard(offset, len)
+    }
+    fn write_zeroes(&mut self, offset: u64, len: u64) -> std::io::Result<()> {
+        self.file.write_zeroes(offset, len)
+    }
+}
+
+#[test]
+fn a_merge_cut_short_is_finished_when_the_secondary_starts_again() {
+    use colo::block::{LayerStore, ReplicaConfig, ReplicaDisk};
+    let dir = TempDir::new("resume");
+    let base_path = dir.0.join("copy.img");
+    let mut bytes = vec![0u8; SIZE as usize];
+    Rng::seeded().fill(&mut bytes);
+    fs::write(&base_path, &bytes).unwrap();
+    let layers = dir.0.join("layers");
+    let left = Arc::new(AtomicU64::new(u64::MAX));
+    let base = Failing {
+        file: RawFile::open(&base_path, false).unwrap(),
+        left: left.clone(),
+    };
+    let config = ReplicaConfig {
+        layers: LayerStore::Files(layers.join("disk0")),
+        ..ReplicaConfig::default()
+    };
+    let mut disk = ReplicaDisk::open(base, &config).unwrap();
+    disk.checkpoint().unwrap();
+    // The primary's writes after the checkpoint (the SVM must not see them) and the SVM's own.
+    for i in 0..40u64 {
+        disk.primary_write(i * 200_000, b"the primary, after the checkpoint")
+            .unwrap();
+        disk.write(i * 200_000 + 70_000, b"the SVM's own").unwrap();
+    }
+    let mut view = vec![0u8; SIZE as usize];
+    disk.read(0, &mut view).unwrap();
+    assert_ne!(view, file_bytes(&base_path), "the layers matter");
+    // The failover's merge dies after a few blocks, the process with it.
+    left.store(5, Ordering::SeqCst);
+    assert!(disk.failover().is_err(), "the merge is cut short");
+    drop(disk);
+    assert!(colo::block::merge_unfinished(&layers.join("disk0")));
+    let target = DiskTarget {
+        path: base_path.clone(),
+    };
+    let finished =
+        colo::block::link::finish_merges(std::slice::from_ref(&target), &layers).unwrap();
+    assert_eq!(finished, std::slice::from_ref(&base_path));
+    assert!(!colo::block::merge_unfinished(&layers.join("disk0")));
+    assert_eq!(file_bytes(&base_path), view, "the copy is the SVM's view");
+    // Nothing left to finish the next time.
+    let none = colo::block::link::finish_merges(&[target], &layers).unwrap();
+    assert!(none.is_empty());
 }

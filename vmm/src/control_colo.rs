@@ -127,6 +127,7 @@ impl Vmm {
                         None => colo::block::LayerStore::Memory,
                     },
                 };
+                self.finish_merges(&scfg)?;
                 let host = Box::new(ColoSecondaryHost {
                     link: self.link.clone(),
                 });
@@ -144,6 +145,28 @@ impl Vmm {
                 "authenticated": cfg.key_file.is_some(),
             }),
         );
+        Ok(())
+    }
+
+    /// Finishes the failover merges a crash of this secondary cut short (their journals are in
+    /// the layers' directory): a copy is whole again before anything else uses it.
+    fn finish_merges(&self, scfg: &colo::SecondaryConfig) -> Result<(), ApiError> {
+        let colo::block::LayerStore::Files(dir) = &scfg.layers else {
+            return Ok(());
+        };
+        let finished = colo::block::link::finish_merges(&scfg.disks, dir).map_err(|e| {
+            ApiError::new(
+                500,
+                format!("a copy's failover merge was cut short and cannot be finished: {e}"),
+            )
+        })?;
+        for path in finished {
+            self.events.emit(
+                "colo",
+                "disk-merge-finished",
+                serde_json::json!({"disk": path.display().to_string()}),
+            );
+        }
         Ok(())
     }
 

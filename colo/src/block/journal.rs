@@ -15,6 +15,11 @@ use super::replica::ReplicaError;
 //   24 block size u64  32  next block to merge u64  40  FNV-1a of bytes 0..40 u64
 
 const JOURNAL: &str = "merge.journal";
+
+/// Whether `dir` holds a merge journal: a failover merge there did not finish.
+pub fn merge_unfinished(dir: &Path) -> bool {
+    dir.join(JOURNAL).exists()
+}
 const JOURNAL_TMP: &str = "merge.journal.tmp";
 const JOURNAL_MAGIC: &[u8; 8] = b"COLOMERG";
 const JOURNAL_VERSION: u32 = 1;

@@ -43,6 +43,7 @@ mod testdisk;
 mod tests;
 
 pub use handle::ReplicaHandle;
+pub use journal::merge_unfinished;
 pub use layer::{Geometry, Layer, LayerError};
 pub use replica::{
     LayerStore, ReplicaConfig, ReplicaDisk, ReplicaError, ReplicaState, ReplicaStats,

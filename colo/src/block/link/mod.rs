@@ -12,7 +12,7 @@ mod primary;
 mod secondary;
 
 pub use primary::PrimaryDisks;
-pub use secondary::{barrier_patience, DiskTarget, SecondaryDisks};
+pub use secondary::{barrier_patience, finish_merges, DiskTarget, SecondaryDisks};
 
 use std::net::TcpStream;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};

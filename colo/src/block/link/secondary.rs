@@ -285,7 +285,7 @@ impl Handler {
             .map_err(|e| format!("disk {}: hashing the base: {e}", target.path.display()))?;
         let layers = match &self.layers {
             LayerStore::Memory => LayerStore::Memory,
-            LayerStore::Files(dir) => LayerStore::Files(dir.join(format!("disk{index}"))),
+            LayerStore::Files(dir) => LayerStore::Files(layers_of(dir, index)),
         };
         let replica = ReplicaDisk::open(
             base,
@@ -367,6 +367,43 @@ fn open_base(path: &Path, size: u64) -> Result<RawFile, String> {
         ));
     }
     Ok(base)
+}
+
+/// The layers' directory of disk `index` under `layers` (one per disk).
+fn layers_of(layers: &Path, index: usize) -> PathBuf {
+    layers.join(format!("disk{index}"))
+}
+
+/// Finishes the failover merges a crash of the secondary's process cut short: for each target
+/// whose layers (under `layers`) hold a merge journal, the merge resumes where the journal says
+/// and the copy is then whole (the SVM's view at the failover). Returns the copies it finished.
+/// Until this ran, such a copy must not be booted: part of the SVM's writes are only in the
+/// layers.
+pub fn finish_merges(targets: &[DiskTarget], layers: &Path) -> Result<Vec<PathBuf>, String> {
+    let mut finished = Vec::new();
+    for (i, target) in targets.iter().enumerate() {
+        let dir = layers_of(layers, i);
+        if !crate::block::merge_unfinished(&dir) {
+            continue;
+        }
+        let base = RawFile::open(&target.path, false)
+            .map_err(|e| format!("opening {}: {e}", target.path.display()))?;
+        let config = ReplicaConfig {
+            layers: LayerStore::Files(dir),
+            ..ReplicaConfig::default()
+        };
+        let mut disk = ReplicaDisk::open(base, &config)
+            .and_then(|mut d| d.failover().map(|()| d))
+            .map_err(|e| format!("finishing the merge into {}: {e}", target.path.display()))?;
+        log::info!(
+            "COLO disk {}: finished a merge a crash had cut short ({} blocks)",
+            target.path.display(),
+            disk.stats().merged_blocks
+        );
+        disk.flush().map_err(|e| e.to_string())?;
+        finished.push(target.path.clone());
+    }
+    Ok(finished)
 }
 
 /// How long the worker waits for a checkpoint's barrier.
