@@ -38,7 +38,7 @@
 //! | 6 | 2 | flags | must be 0 |
 //! | 8 | 8 | seq | this direction's frame number, from 0; must be the one expected next |
 //! | 16 | body_len | body | per type, below |
-//! | 16 + body_len | 32 | mac | `HMAC-SHA256(direction key, seq u64 ‖ header ‖ body)` ([`SessionKey::seal_parts`]) |
+//! | 16 + body_len | 32 | mac | `BLAKE3-keyed(direction key, seq u64 ‖ header ‖ body)` ([`SessionKey::seal_parts`]) |
 //!
 //! | type | message | from | body | limit |
 //! | --- | --- | --- | --- | --- |
