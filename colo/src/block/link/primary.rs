@@ -3,7 +3,7 @@
 
 use std::io::BufWriter;
 use std::net::{SocketAddr, TcpStream};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
@@ -20,8 +20,6 @@ use crate::wire::{FrameWriter, Message, MAX_DISK_CHUNK};
 /// What the writer side holds: the frames go out in this order.
 struct Out {
     writer: FrameWriter<BufWriter<TcpStream>>,
-    /// Write frames sent so far (the secondary acks this count).
-    writes: u64,
 }
 
 /// One disk's sync state, for the status.
@@ -41,6 +39,10 @@ struct SyncState {
 struct Shared {
     conn: Arc<Conn>,
     out: Mutex<Out>,
+    /// Write frames sent so far (the secondary acks this count). Apart from `out`, whose holder
+    /// may sit in a socket write: the reader must never wait for it, or a secondary blocked on
+    /// sending acks and a primary blocked on sending writes would wait for each other.
+    sent: AtomicU64,
     acked: Mutex<u64>,
     acked_cv: Condvar,
     sync: Mutex<Vec<SyncState>>,
@@ -70,20 +72,21 @@ impl Shared {
                         offset: offset + (i * MAX_DISK_CHUNK) as u64,
                         data: chunk,
                     })?;
-                    out.writes += 1;
+                    self.sent.fetch_add(1, Ordering::AcqRel);
                     self.conn.stats.sent.fetch_add(1, Ordering::Relaxed);
                 }
             }
             DiskOp::Zeroes { offset, len } => {
                 queue(&Message::DiskZeroes { disk, offset, len })?;
-                out.writes += 1;
+                self.sent.fetch_add(1, Ordering::AcqRel);
                 self.conn.stats.sent.fetch_add(1, Ordering::Relaxed);
             }
         }
         out.writer
             .flush()
             .map_err(|e| format!("sending to the secondary: {e}"))?;
-        Ok(out.writes)
+        // Only this holder of `out` counts up: the count now ends with this op.
+        Ok(self.sent.load(Ordering::Acquire))
     }
 
     /// Waits until the secondary holds the first `n` writes.
@@ -116,7 +119,7 @@ impl Shared {
     fn received(&self, msg: Message<'_>) -> Result<(), String> {
         match msg {
             Message::DiskAck { writes } => {
-                let sent = lock(&self.out).writes;
+                let sent = self.sent.load(Ordering::Acquire);
                 if writes > sent {
                     return Err(format!(
                         "the secondary acknowledged {writes} disk writes of {sent} sent"
@@ -165,7 +168,7 @@ impl Replicator for DiskReplicator {
     fn settle(&self) -> Result<(), String> {
         // Everything sent so far on the channel, other disks' writes included: they are
         // ahead in the same stream, so the wait is the same.
-        let sent = lock(&self.shared.out).writes;
+        let sent = self.shared.sent.load(Ordering::Acquire);
         self.shared.wait_acked(sent, self.shared.timeout)
     }
 
@@ -218,8 +221,8 @@ impl PrimaryDisks {
             conn: conn.clone(),
             out: Mutex::new(Out {
                 writer: opened.writer,
-                writes: 0,
             }),
+            sent: AtomicU64::new(0),
             acked: Mutex::new(0),
             acked_cv: Condvar::new(),
             sync: Mutex::new(sync),
@@ -302,7 +305,7 @@ impl PrimaryDisks {
                     progress(disk, &p);
                 }
             }
-            let sent = lock(&self.shared.out).writes;
+            let sent = self.shared.sent.load(Ordering::Acquire);
             self.shared
                 .wait_acked(sent, patience(self.shared.timeout, plan.bytes()))?;
             self.set_progress(i, p, true);
@@ -418,7 +421,7 @@ fn status(shared: &Shared, disks: &[(String, Arc<Mirror>)]) -> DisksStatus {
         .collect();
     DisksStatus {
         disks,
-        writes: lock(&shared.out).writes,
+        writes: shared.sent.load(Ordering::Acquire),
         acked: *lock(&shared.acked),
         link: shared.conn.stats.counters(0),
     }
