@@ -170,10 +170,6 @@ impl Pair {
         self.primary.as_mut().expect("primary started")
     }
 
-    fn sock(&self, side: Side) -> &Path {
-        self.files.sock(side)
-    }
-
     fn events(&mut self, side: Side) -> &mut Events {
         self.files.events(side)
     }
@@ -205,23 +201,16 @@ impl Pair {
 
     /// Runs colovmm-remote against `side`; must succeed.
     fn ok(&self, side: Side, args: &[&str]) -> String {
-        let (code, out, err) = remote(self.sock(side), args);
-        if code != 0 {
-            self.fail(&format!(
-                "colovmm-remote {args:?} on the {} failed ({code}): {err}",
-                side.role()
-            ));
-        }
-        out
+        self.files
+            .remote(side, args)
+            .unwrap_or_else(|e| self.fail(&e))
     }
 
     /// A `--json` command's reply.
     fn json(&self, side: Side, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.push("--json");
-        let out = self.ok(side, &a);
-        serde_json::from_str(&out)
-            .unwrap_or_else(|e| self.fail(&format!("{args:?}: not JSON ({e}): {out}")))
+        self.files
+            .remote_json(side, args)
+            .unwrap_or_else(|e| self.fail(&e))
     }
 
     fn colo_status(&self, side: Side) -> Value {
@@ -229,10 +218,7 @@ impl Pair {
     }
 
     fn vm_state(&self, side: Side) -> String {
-        self.json(side, &["info"])["state"]
-            .as_str()
-            .unwrap_or("?")
-            .to_string()
+        self.files.vm_state(side).unwrap_or_else(|e| self.fail(&e))
     }
 
     /// Waits for `n` more `checkpoint` events from `side`; returns the last.

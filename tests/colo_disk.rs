@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use integration_tests::colo::{is, path_arg, vmm_with, Events, PairFiles, Side};
 use integration_tests::netns::{TwoHostNet, HOST_B_IP};
-use integration_tests::{disk_record, fnv1a, remote, wait_for, Console};
+use integration_tests::{disk_record, fnv1a, wait_for, Console};
 use serde_json::Value;
 
 /// Held by every test for its whole run: one COLO pair on the machine at a time.
@@ -163,30 +163,22 @@ impl Pair {
         now_epoch()
     }
 
+    /// Runs colovmm-remote against `side`; must succeed.
     fn ok(&self, side: Side, args: &[&str]) -> String {
-        let (code, out, err) = remote(self.files.sock(side), args);
-        if code != 0 {
-            self.fail(&format!(
-                "colovmm-remote {args:?} on the {} failed ({code}): {err}",
-                side.role()
-            ));
-        }
-        out
+        self.files
+            .remote(side, args)
+            .unwrap_or_else(|e| self.fail(&e))
     }
 
+    /// A `--json` command's reply.
     fn json(&self, side: Side, args: &[&str]) -> Value {
-        let mut a = args.to_vec();
-        a.push("--json");
-        let out = self.ok(side, &a);
-        serde_json::from_str(&out)
-            .unwrap_or_else(|e| self.fail(&format!("{args:?}: not JSON ({e}): {out}")))
+        self.files
+            .remote_json(side, args)
+            .unwrap_or_else(|e| self.fail(&e))
     }
 
     fn vm_state(&self, side: Side) -> String {
-        self.json(side, &["info"])["state"]
-            .as_str()
-            .unwrap_or("?")
-            .to_string()
+        self.files.vm_state(side).unwrap_or_else(|e| self.fail(&e))
     }
 
     fn pid(&self, side: Side) -> i32 {

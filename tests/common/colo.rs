@@ -206,6 +206,34 @@ impl PairFiles {
         }
     }
 
+    /// `colovmm-remote args` against `side`: its stdout, or why it failed.
+    pub fn remote(&self, side: Side, args: &[&str]) -> Result<String, String> {
+        let (code, out, err) = crate::remote(self.sock(side), args);
+        if code != 0 {
+            return Err(format!(
+                "colovmm-remote {args:?} on the {} failed ({code}): {err}",
+                side.role()
+            ));
+        }
+        Ok(out)
+    }
+
+    /// A `--json` command's reply from `side`.
+    pub fn remote_json(&self, side: Side, args: &[&str]) -> Result<Value, String> {
+        let mut a = args.to_vec();
+        a.push("--json");
+        let out = self.remote(side, &a)?;
+        serde_json::from_str(&out).map_err(|e| format!("{args:?}: not JSON ({e}): {out}"))
+    }
+
+    /// That side's VM state, as `info` says.
+    pub fn vm_state(&self, side: Side) -> Result<String, String> {
+        Ok(self.remote_json(side, &["info"])?["state"]
+            .as_str()
+            .unwrap_or("?")
+            .to_string())
+    }
+
     /// The secondary's command line for `--colo spec`, after `extra` (its `--net`, say).
     pub fn secondary_args(&self, spec: &str, extra: &[&str]) -> Vec<String> {
         let mut a: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
