@@ -64,22 +64,28 @@ impl Shared {
                 .queue(msg)
                 .map_err(|e| format!("sending to the secondary: {e}"))
         };
+        // Counted before it is queued: a full buffer may put the frame on the wire (and the
+        // secondary may ack it) before `queue` returns.
+        let count = || {
+            self.sent.fetch_add(1, Ordering::AcqRel);
+            self.conn.stats.sent.fetch_add(1, Ordering::Relaxed);
+        };
         match op {
             DiskOp::Write { offset, data } => {
                 for (i, chunk) in data.chunks(MAX_DISK_CHUNK).enumerate() {
+                    count();
                     queue(&Message::DiskWrite {
                         disk,
                         offset: offset + (i * MAX_DISK_CHUNK) as u64,
                         data: chunk,
                     })?;
-                    self.sent.fetch_add(1, Ordering::AcqRel);
-                    self.conn.stats.sent.fetch_add(1, Ordering::Relaxed);
                 }
             }
+            // An empty range changes nothing (and the wire refuses it).
+            DiskOp::Zeroes { len: 0, .. } => {}
             DiskOp::Zeroes { offset, len } => {
+                count();
                 queue(&Message::DiskZeroes { disk, offset, len })?;
-                self.sent.fetch_add(1, Ordering::AcqRel);
-                self.conn.stats.sent.fetch_add(1, Ordering::Relaxed);
             }
         }
         out.writer
